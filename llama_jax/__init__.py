@@ -1,0 +1,7 @@
+"""llama_jax: the Llama family in JAX/Flax — model, sharding, conversion, training and sampling."""
+
+from llama_jax.config import ConfigError, LlamaConfig, RopeScaling
+from llama_jax.model import Llama, init_cache, init_params, param_shapes
+
+__all__ = ["ConfigError", "LlamaConfig", "RopeScaling", "Llama", "init_cache", "init_params", "param_shapes"]
+__version__ = "0.1.0"

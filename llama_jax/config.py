@@ -1,0 +1,326 @@
+"""LlamaConfig: one frozen dataclass for every released Llama, plus readers for the files people have.
+
+`LlamaConfig.from_preset(name)` gives the values of each released `config.json`; `from_hf` reads a Hugging
+Face `config.json` (old and new spellings), `from_meta` reads Meta's `params.json`; `to_hf_dict` writes the
+standard `config.json` keys back out. The config is hashable so it can be a static argument under `jit`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from typing import Any, Mapping, Optional, Tuple, Union
+
+PathOrDict = Union[str, os.PathLike, Mapping[str, Any]]
+
+REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "save_qkv_proj")
+DTYPES = ("float32", "bfloat16", "float16")
+ROPE_TYPES = ("default", "linear", "llama3")
+
+
+class ConfigError(ValueError):
+    """A config file or value that cannot describe a Llama model."""
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeScaling:
+    """RoPE frequency scaling. `llama3` is Llama 3.1+'s wavelength-dependent scaling; `linear` divides all
+    frequencies by `factor` (position interpolation)."""
+
+    rope_type: str = "llama3"
+    factor: float = 8.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+
+    def __post_init__(self):
+        if self.rope_type not in ("linear", "llama3"):
+            raise ConfigError(f"rope_scaling.rope_type={self.rope_type!r}: expected 'linear' or 'llama3'")
+        if not self.factor > 0:
+            raise ConfigError(f"rope_scaling.factor={self.factor}: expected a positive number")
+        if self.rope_type == "llama3":
+            if not self.high_freq_factor > self.low_freq_factor > 0:
+                raise ConfigError(
+                    f"rope_scaling: expected high_freq_factor > low_freq_factor > 0, found "
+                    f"high_freq_factor={self.high_freq_factor}, low_freq_factor={self.low_freq_factor}")
+            if self.original_max_position_embeddings <= 0:
+                raise ConfigError("rope_scaling.original_max_position_embeddings must be positive, found "
+                                  f"{self.original_max_position_embeddings}")
+
+    def to_hf_dict(self) -> dict:
+        if self.rope_type == "linear":
+            return {"rope_type": "linear", "factor": self.factor}
+        return {"rope_type": "llama3", "factor": self.factor, "low_freq_factor": self.low_freq_factor,
+                "high_freq_factor": self.high_freq_factor,
+                "original_max_position_embeddings": self.original_max_position_embeddings}
+
+    @classmethod
+    def from_hf_dict(cls, d: Optional[Mapping[str, Any]], where: str = "rope_scaling") -> Optional["RopeScaling"]:
+        if d is None:
+            return None
+        # transformers < 4.43 wrote "type"; newer ones write "rope_type" (and sometimes both).
+        kind = d.get("rope_type", d.get("type"))
+        if kind in (None, "default"):
+            return None
+        if kind not in ("linear", "llama3"):
+            raise ConfigError(f"{where}: rope_type {kind!r} is not supported; expected 'linear' or 'llama3'")
+        if "factor" not in d:
+            raise ConfigError(f"{where}: rope_type {kind!r} needs a 'factor'")
+        if kind == "linear":
+            return cls(rope_type="linear", factor=float(d["factor"]))
+        missing = [k for k in ("low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+                   if k not in d]
+        if missing:
+            raise ConfigError(f"{where}: rope_type 'llama3' needs {', '.join(missing)}")
+        return cls(rope_type="llama3", factor=float(d["factor"]), low_freq_factor=float(d["low_freq_factor"]),
+                   high_freq_factor=float(d["high_freq_factor"]),
+                   original_max_position_embeddings=int(d["original_max_position_embeddings"]))
+
+
+@dataclasses.dataclass(frozen=True)
+class LlamaConfig:
+    """Architecture and numerics of one Llama model.
+
+    `head_dim` defaults to hidden_size // num_heads; `eos_token_id` is a tuple because Llama 3.x instruct
+    models stop on several tokens. `dtype` is the compute dtype, `param_dtype` the storage dtype.
+    """
+
+    vocab_size: int = 32000
+    hidden_size: int = 4096
+    intermediate_size: int = 11008
+    num_layers: int = 32
+    num_heads: int = 32
+    num_kv_heads: Optional[int] = None
+    head_dim: Optional[int] = None
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: Optional[RopeScaling] = None
+    max_position_embeddings: int = 4096
+    tie_word_embeddings: bool = False
+    bos_token_id: Optional[int] = 1
+    eos_token_id: Tuple[int, ...] = (2,)
+    initializer_range: float = 0.02
+    dtype: str = "float32"
+    param_dtype: str = "float32"
+    remat: str = "none"
+    # Which released model this came from, if any (informational; the preset name).
+    name: str = ""
+
+    def __post_init__(self):
+        set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 - frozen dataclass normalisation
+        if self.num_kv_heads is None:
+            set_("num_kv_heads", self.num_heads)
+        if self.head_dim is None and self.num_heads and self.num_heads > 0:
+            set_("head_dim", self.hidden_size // self.num_heads)
+        eos = self.eos_token_id
+        if eos is None:
+            set_("eos_token_id", ())
+        elif isinstance(eos, int):
+            set_("eos_token_id", (int(eos),))
+        else:
+            set_("eos_token_id", tuple(int(e) for e in eos))
+        if isinstance(self.rope_scaling, Mapping):
+            set_("rope_scaling", RopeScaling.from_hf_dict(self.rope_scaling))
+        self._validate()
+
+    def _validate(self):
+        positive = ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
+                    "num_kv_heads", "head_dim", "max_position_embeddings")
+        for key in positive:
+            value = getattr(self, key)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ConfigError(f"LlamaConfig.{key}={value!r}: expected a positive integer")
+        if self.num_heads % self.num_kv_heads:
+            raise ConfigError(
+                f"LlamaConfig: num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads} "
+                "(grouped-query attention shares each KV head among num_heads/num_kv_heads query heads)")
+        if self.head_dim % 2:
+            raise ConfigError(f"LlamaConfig.head_dim={self.head_dim}: RoPE needs an even head dimension")
+        if not (self.rms_norm_eps > 0):
+            raise ConfigError(f"LlamaConfig.rms_norm_eps={self.rms_norm_eps}: expected a positive number")
+        if not (self.rope_theta > 0):
+            raise ConfigError(f"LlamaConfig.rope_theta={self.rope_theta}: expected a positive number")
+        for key in ("dtype", "param_dtype"):
+            if getattr(self, key) not in DTYPES:
+                raise ConfigError(f"LlamaConfig.{key}={getattr(self, key)!r}: expected one of {DTYPES}")
+        if self.remat not in REMAT_POLICIES:
+            raise ConfigError(f"LlamaConfig.remat={self.remat!r}: expected one of {REMAT_POLICIES}")
+        if self.rope_scaling is not None and not isinstance(self.rope_scaling, RopeScaling):
+            raise ConfigError(f"LlamaConfig.rope_scaling={self.rope_scaling!r}: expected a RopeScaling or None")
+        for tok in ((self.bos_token_id,) if self.bos_token_id is not None else ()) + self.eos_token_id:
+            if not 0 <= tok < self.vocab_size:
+                raise ConfigError(f"LlamaConfig: special token id {tok} is outside the vocabulary "
+                                  f"[0, {self.vocab_size})")
+
+    # ------------------------------------------------------------------ derived sizes
+    @property
+    def num_groups(self) -> int:
+        """Query heads per KV head (G)."""
+        return self.num_heads // self.num_kv_heads
+
+    def num_params(self, include_embedding: bool = True) -> int:
+        d, f, h = self.hidden_size, self.intermediate_size, self.head_dim
+        attn = d * h * (self.num_heads * 2 + self.num_kv_heads * 2)
+        per_layer = attn + 3 * d * f + 2 * d
+        total = self.num_layers * per_layer + d
+        if include_embedding:
+            total += self.vocab_size * d * (1 if self.tie_word_embeddings else 2)
+        elif not self.tie_word_embeddings:
+            total += self.vocab_size * d  # the output projection is a real matmul
+        return total
+
+    def replace(self, **changes) -> "LlamaConfig":
+        """A copy with some fields changed (validated again)."""
+        unknown = sorted(set(changes) - {f.name for f in dataclasses.fields(self)})
+        if unknown:
+            raise ConfigError(f"LlamaConfig has no field(s) {unknown}; fields are "
+                              f"{[f.name for f in dataclasses.fields(self)]}")
+        return dataclasses.replace(self, **changes)
+
+    # ------------------------------------------------------------------ presets
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> "LlamaConfig":
+        """The config of a released Llama (e.g. 'llama3.1-8b') or a small test/demo preset ('tiny', ...)."""
+        from llama_jax.presets import PRESETS
+        if name not in PRESETS:
+            import difflib
+            close = difflib.get_close_matches(name, PRESETS, n=3)
+            hint = f" Did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+            raise ConfigError(f"unknown preset {name!r}.{hint} Known presets: {', '.join(sorted(PRESETS))}")
+        return cls(**{**PRESETS[name], "name": name, **overrides})
+
+    # ------------------------------------------------------------------ Hugging Face config.json
+    @classmethod
+    def from_hf(cls, path_or_dict: PathOrDict, **overrides) -> "LlamaConfig":
+        """Read a Hugging Face `config.json` (a file, a directory holding one, or its dict)."""
+        d, where = _read_json(path_or_dict, "config.json")
+        arch = d.get("architectures") or []
+        if d.get("model_type") not in (None, "llama") and "LlamaForCausalLM" not in arch:
+            raise ConfigError(f"{where}: model_type={d.get('model_type')!r} is not a Llama model "
+                              "(expected model_type 'llama' or architectures ['LlamaForCausalLM'])")
+        for flag in ("attention_bias", "mlp_bias"):
+            if d.get(flag):
+                raise ConfigError(f"{where}: {flag}=true is not supported (no released Llama uses biases)")
+        required = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+        missing = [k for k in required if k not in d]
+        if missing:
+            raise ConfigError(f"{where}: missing required key(s) {missing}")
+        heads = int(d["num_attention_heads"])
+        eos = d.get("eos_token_id", 2)
+        kwargs = dict(
+            vocab_size=int(d["vocab_size"]), hidden_size=int(d["hidden_size"]),
+            intermediate_size=int(d["intermediate_size"]), num_layers=int(d["num_hidden_layers"]),
+            num_heads=heads, num_kv_heads=int(d.get("num_key_value_heads") or heads),
+            head_dim=int(d["head_dim"]) if d.get("head_dim") else None,
+            rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
+            rope_theta=float(d.get("rope_theta", 10000.0)),
+            rope_scaling=RopeScaling.from_hf_dict(d.get("rope_scaling"), f"{where}: rope_scaling"),
+            # Llama 1 conversions used max_sequence_length in old transformers versions.
+            max_position_embeddings=int(d.get("max_position_embeddings") or d.get("max_sequence_length") or 2048),
+            tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
+            bos_token_id=d.get("bos_token_id", 1), eos_token_id=eos,
+            initializer_range=float(d.get("initializer_range", 0.02)),
+        )
+        return _construct(cls, kwargs, overrides, where)
+
+    def to_hf_dict(self) -> dict:
+        """A `config.json` dict that transformers' LlamaForCausalLM loads."""
+        eos = list(self.eos_token_id)
+        torch_dtype = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}[self.param_dtype]
+        return {
+            "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+            "hidden_size": self.hidden_size, "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_layers, "num_attention_heads": self.num_heads,
+            "num_key_value_heads": self.num_kv_heads, "head_dim": self.head_dim,
+            "rms_norm_eps": self.rms_norm_eps, "rope_theta": self.rope_theta,
+            "rope_scaling": self.rope_scaling.to_hf_dict() if self.rope_scaling else None,
+            "vocab_size": self.vocab_size, "max_position_embeddings": self.max_position_embeddings,
+            "tie_word_embeddings": self.tie_word_embeddings, "bos_token_id": self.bos_token_id,
+            "eos_token_id": eos[0] if len(eos) == 1 else eos,
+            "hidden_act": "silu", "attention_bias": False, "mlp_bias": False, "attention_dropout": 0.0,
+            "initializer_range": self.initializer_range, "pretraining_tp": 1, "use_cache": True,
+            "torch_dtype": torch_dtype,
+        }
+
+    # ------------------------------------------------------------------ Meta params.json
+    @classmethod
+    def from_meta(cls, path_or_dict: PathOrDict, vocab_size: Optional[int] = None, **overrides) -> "LlamaConfig":
+        """Read Meta's `params.json`. Llama 2's has vocab_size -1: pass `vocab_size` (the converter takes it
+        from the embedding's shape). The MLP width follows Meta's rule from `multiple_of` and
+        `ffn_dim_multiplier`; the context length, absent from params.json, follows the model family."""
+        d, where = _read_json(path_or_dict, "params.json")
+        missing = [k for k in ("dim", "n_layers", "n_heads") if k not in d]
+        if missing:
+            raise ConfigError(f"{where}: missing required key(s) {missing}")
+        dim, heads = int(d["dim"]), int(d["n_heads"])
+        vocab = vocab_size if vocab_size is not None else d.get("vocab_size", -1)
+        if vocab is None or int(vocab) <= 0:
+            raise ConfigError(f"{where}: vocab_size={vocab} — pass vocab_size= (read it from the tokenizer or "
+                              "the tok_embeddings.weight shape)")
+        theta = float(d.get("rope_theta", 10000.0))
+        scaling = None
+        if d.get("use_scaled_rope"):
+            # Meta's code scales by 8 for 3.1/3.3 and 32 for the 3.2 1B/3B models; newer params.json files
+            # spell the factor out, older ones leave it to the code.
+            is_llama32_small = (dim, int(d["n_layers"])) in ((2048, 16), (3072, 28))
+            scaling = RopeScaling(
+                rope_type="llama3", factor=float(d.get("rope_scaling_factor") or (32.0 if is_llama32_small else 8.0)),
+                low_freq_factor=float(d.get("rope_low_freq_factor", 1.0)),
+                high_freq_factor=float(d.get("rope_high_freq_factor", 4.0)),
+                original_max_position_embeddings=int(d.get("rope_original_max_position_embeddings", 8192)))
+        large_vocab = int(vocab) >= 128000
+        if scaling is not None:
+            max_len = 131072
+        elif large_vocab:
+            max_len = 8192
+        elif theta >= 1e6:
+            max_len = 16384  # Code Llama
+        elif float(d.get("norm_eps", 1e-5)) <= 1e-6 and "n_kv_heads" not in d:
+            max_len = 2048  # Llama 1
+        else:
+            max_len = 4096
+        kwargs = dict(
+            vocab_size=int(vocab), hidden_size=dim,
+            intermediate_size=meta_ffn_hidden_size(dim, int(d.get("multiple_of", 256)), d.get("ffn_dim_multiplier")),
+            num_layers=int(d["n_layers"]), num_heads=heads, num_kv_heads=int(d.get("n_kv_heads") or heads),
+            rms_norm_eps=float(d.get("norm_eps", 1e-5)), rope_theta=theta, rope_scaling=scaling,
+            max_position_embeddings=max_len,
+            tie_word_embeddings=bool(scaling is not None and scaling.factor == 32.0),
+            bos_token_id=128000 if large_vocab else 1,
+            eos_token_id=(128001, 128008, 128009) if large_vocab else (2,),
+        )
+        if large_vocab and scaling is None:
+            kwargs["eos_token_id"] = (128001, 128009)
+        return _construct(cls, kwargs, overrides, where)
+
+
+def meta_ffn_hidden_size(dim: int, multiple_of: int, ffn_dim_multiplier: Optional[float]) -> int:
+    """Meta's FeedForward width: 2/3 of 4*dim, scaled, rounded up to a multiple of `multiple_of`."""
+    hidden = int(2 * (4 * dim) / 3)
+    if ffn_dim_multiplier is not None:
+        hidden = int(float(ffn_dim_multiplier) * hidden)
+    return multiple_of * math.ceil(hidden / multiple_of)
+
+
+def _construct(cls, kwargs: dict, overrides: dict, where: str) -> LlamaConfig:
+    try:
+        return cls(**{**kwargs, **overrides})
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {e}") from None
+
+
+def _read_json(path_or_dict: PathOrDict, filename: str) -> Tuple[dict, str]:
+    if isinstance(path_or_dict, Mapping):
+        return dict(path_or_dict), filename
+    path = os.fspath(path_or_dict)
+    if os.path.isdir(path):
+        path = os.path.join(path, filename)
+    if not os.path.isfile(path):
+        raise ConfigError(f"{path}: file not found (expected a {filename})")
+    try:
+        with open(path) as f:
+            return json.load(f), path
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}: not valid JSON ({e})") from None

@@ -1,0 +1,139 @@
+"""The Llama decoder: embed -> L pre-norm blocks (stacked with nn.scan) -> RMSNorm -> logits.
+
+Legend: B batch, T query length, S key/cache length, D model dim, V vocab, L layers.
+
+Parameter layout (the one layout the converter, checkpoints and export speak; layer axis first):
+    embed/embedding            [V, D]
+    layers/attn_norm/scale     [L, D]
+    layers/attn/{q}            [L, D, N, H]      layers/attn/{k,v}   [L, D, K, H]
+    layers/attn/o              [L, N, H, D]
+    layers/mlp_norm/scale      [L, D]
+    layers/mlp/{gate,up}       [L, D, F]         layers/mlp/down     [L, F, D]
+    final_norm/scale           [D]
+    lm_head                    [D, V]            (absent when embeddings are tied)
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from llama_jax.attention import Attention, cache_mask, causal_mask
+from llama_jax.config import LlamaConfig
+from llama_jax.layers import MLP, Embedding, RMSNorm, dtype_of, kernel_init, param_with_axes
+from llama_jax.rope import rotary_tables
+
+PARAM_LAYOUT = "llama_jax/stacked-v1"
+
+_REMAT_POLICIES = {
+    "full": None,  # save nothing: recompute the whole block in the backward pass
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "save_qkv_proj": jax.checkpoint_policies.save_only_these_names("qkv_proj"),
+}
+
+
+class Block(nn.Module):
+    """One pre-norm decoder block; written for nn.scan: (carry x, per-layer cache) -> (x, new cache)."""
+
+    config: LlamaConfig
+
+    @nn.compact
+    def __call__(self, x, layer_cache, cos, sin, mask, cache_index):
+        cfg = self.config
+        h, new_cache = Attention(cfg, name="attn")(RMSNorm(cfg, name="attn_norm")(x), cos, sin, mask,
+                                                   layer_cache, cache_index)
+        x = x + h
+        x = x + MLP(cfg, name="mlp")(RMSNorm(cfg, name="mlp_norm")(x))
+        x = nn.with_logical_constraint(x, ("batch", "length", "act_embed"))
+        return x, new_cache
+
+
+def _block_class(config: LlamaConfig):
+    if config.remat == "none":
+        return Block
+    return nn.remat(Block, policy=_REMAT_POLICIES[config.remat], prevent_cse=False)
+
+
+class Llama(nn.Module):
+    """`Llama(config).apply({"params": params}, tokens)` -> float32 logits [B, T, V].
+
+    Optional inputs: `positions` [B, T] (default 0..T-1, or cache_index.. with a cache) and `segment_ids`
+    [B, T] for packed sequences (attention never crosses segments). With `cache` (see `init_cache`), the new
+    tokens are written at `cache_index`, `kv_mask` [B, S] marks valid cache slots, and the call returns
+    (logits, new_cache). `logits_at` [B] computes logits only at one position per row -> [B, 1, V].
+    """
+
+    config: LlamaConfig
+
+    @nn.compact
+    def __call__(self, tokens, positions=None, segment_ids=None, cache=None, cache_index=None, kv_mask=None,
+                 logits_at=None):
+        cfg = self.config
+        batch, length = tokens.shape
+        if positions is None:
+            offset = 0 if cache is None else cache_index
+            positions = jnp.broadcast_to(offset + jnp.arange(length, dtype=jnp.int32), (batch, length))
+        embed = Embedding(cfg, name="embed")
+        x = nn.with_logical_constraint(embed(tokens), ("batch", "length", "act_embed"))  # [B, T, D]
+        cos, sin = rotary_tables(cfg, positions)
+
+        if cache is None:
+            mask = causal_mask(segment_ids, batch, length)
+        else:
+            if cache_index is None:
+                raise ValueError("Llama: a cache needs cache_index (the slot of the first new token)")
+            cache_len = cache["k"].shape[2]
+            if kv_mask is None:
+                kv_mask = jnp.broadcast_to(jnp.arange(cache_len) < cache_index + length, (batch, cache_len))
+            mask = cache_mask(cache_index, kv_mask, length)
+
+        stack = nn.scan(
+            _block_class(cfg), variable_axes={"params": 0}, split_rngs={"params": True},
+            in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
+            length=cfg.num_layers, metadata_params={nn.PARTITION_NAME: "layers"})
+        x, new_cache = stack(cfg, name="layers")(x, cache, cos, sin, mask, cache_index)
+        x = RMSNorm(cfg, name="final_norm")(x)
+
+        if logits_at is not None:
+            x = jnp.take_along_axis(x, logits_at.astype(jnp.int32)[:, None, None], axis=1)  # [B, 1, D]
+        if cfg.tie_word_embeddings:
+            logits = embed.attend(x)
+        else:
+            head = param_with_axes(self, "lm_head", kernel_init(cfg), (cfg.hidden_size, cfg.vocab_size),
+                                   dtype_of(cfg.param_dtype), ("embed", "vocab"))
+            logits = jnp.einsum("BTD,DV->BTV", x, head.astype(dtype_of(cfg.dtype)),
+                                preferred_element_type=jnp.float32)
+        logits = nn.with_logical_constraint(logits, ("batch", "length", "act_vocab"))
+        return logits if cache is None else (logits, new_cache)
+
+
+def init_cache(config: LlamaConfig, batch: int, max_len: int, dtype=None) -> dict:
+    """An empty KV cache {"k", "v"}: [L, B, S, K, H] each, in the compute dtype unless `dtype` is given."""
+    shape = (config.num_layers, batch, max_len, config.num_kv_heads, config.head_dim)
+    dt = jnp.dtype(dtype) if dtype is not None else dtype_of(config.dtype)
+    return {"k": jnp.zeros(shape, dt), "v": jnp.zeros(shape, dt)}
+
+
+def init_params(config: LlamaConfig, rng: jax.Array, seq_len: int = 8) -> dict:
+    """Random parameters (unsharded; see `sharding.init_sharded_params` for a mesh), plain arrays."""
+    tokens = jnp.zeros((1, seq_len), jnp.int32)
+    variables = jax.jit(Llama(config).init)(rng, tokens)
+    return nn.meta.unbox(variables["params"])
+
+
+def param_shapes(config: LlamaConfig) -> dict:
+    """The parameter tree as jax.ShapeDtypeStruct leaves (nothing is allocated)."""
+    tokens = jax.ShapeDtypeStruct((1, 8), jnp.int32)
+    variables = jax.eval_shape(Llama(config).init, jax.random.PRNGKey(0), tokens)
+    return nn.meta.unbox(variables["params"])
+
+
+def logical_axes(config: LlamaConfig) -> dict:
+    """The parameter tree with a tuple of logical axis names at each leaf."""
+    tokens = jax.ShapeDtypeStruct((1, 8), jnp.int32)
+    variables = jax.eval_shape(Llama(config).init, jax.random.PRNGKey(0), tokens)
+    return nn.get_partition_spec(variables)["params"]

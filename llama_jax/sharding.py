@@ -1,0 +1,129 @@
+"""Meshes and the logical-axis rules table: the only file that names mesh axes.
+
+Parameters and activations carry logical axis names ("embed", "heads", ...); `DEFAULT_RULES` maps them to
+the mesh axes ("data", "fsdp", "tensor"). Changing parallelism means changing the mesh shape or the rules,
+never the model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Optional, Sequence, Tuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from llama_jax.config import LlamaConfig
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# logical axis -> mesh axis (or tuple of mesh axes, or None = replicated)
+DEFAULT_RULES: Tuple[Tuple[str, object], ...] = (
+    ("batch", ("data", "fsdp")),
+    ("length", None),
+    ("act_embed", None),
+    ("act_heads", "tensor"),
+    ("act_mlp", "tensor"),
+    ("act_vocab", "tensor"),
+    ("embed", "fsdp"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("mlp", "tensor"),
+    ("vocab", "tensor"),
+    ("head_dim", None),
+    ("norm", None),
+    ("layers", None),
+    ("cache_batch", ("data", "fsdp")),
+    ("cache_length", None),
+)
+
+# Logical axes that may be replicated instead of split when their size does not divide the mesh axis
+# (Llama 3 has 8 KV heads; a tensor axis of 16 replicates them rather than failing).
+REPLICATE_IF_INDIVISIBLE = ("kv_heads", "act_heads", "act_vocab", "batch", "cache_batch")
+
+
+class MeshError(ValueError):
+    """A mesh that does not fit the devices or the model."""
+
+
+def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, devices: Optional[Sequence] = None) -> Mesh:
+    """A (data, fsdp, tensor) mesh over `devices` (default: all devices of all processes); one size may be
+    -1 to take what is left. Tensor is innermost so its collectives stay on the nearest devices."""
+    devices = list(jax.devices() if devices is None else devices)
+    sizes = [data, fsdp, tensor]
+    if sum(s == -1 for s in sizes) > 1:
+        raise MeshError(f"make_mesh(data={data}, fsdp={fsdp}, tensor={tensor}): at most one size may be -1")
+    known = math.prod(s for s in sizes if s != -1)
+    if any(s == 0 or s < -1 for s in sizes) or len(devices) % known:
+        raise MeshError(f"make_mesh(data={data}, fsdp={fsdp}, tensor={tensor}): sizes must be positive (or one "
+                        f"-1) and their product must divide the {len(devices)} devices")
+    sizes = [len(devices) // known if s == -1 else s for s in sizes]
+    if math.prod(sizes) != len(devices):
+        raise MeshError(f"make_mesh: data*fsdp*tensor = {math.prod(sizes)} but there are {len(devices)} devices "
+                        f"(data={sizes[0]}, fsdp={sizes[1]}, tensor={sizes[2]})")
+    auto = (jax.sharding.AxisType.Auto,) * 3
+    if devices == list(jax.devices()):
+        return jax.make_mesh(tuple(sizes), MESH_AXES, axis_types=auto)
+    return Mesh(np.asarray(devices).reshape(sizes), MESH_AXES, axis_types=auto)
+
+
+def _resolve(logical: Optional[str], dim: int, mesh: Mesh, rules: dict, where: str):
+    target = rules.get(logical) if logical is not None else None
+    if target is None:
+        return None
+    axes = (target,) if isinstance(target, str) else tuple(target)
+    axes = tuple(a for a in axes if mesh.shape.get(a, 1) > 1)
+    if not axes:
+        return None
+    size = math.prod(mesh.shape[a] for a in axes)
+    if dim % size:
+        if logical in REPLICATE_IF_INDIVISIBLE:
+            return None
+        raise MeshError(f"{where}: dimension '{logical}' of size {dim} cannot be split over mesh axis "
+                        f"{'×'.join(axes)} of size {size}; choose a mesh whose {'×'.join(axes)} size divides {dim}")
+    return axes[0] if len(axes) == 1 else axes
+
+
+def logical_to_spec(axes: Sequence[Optional[str]], shape: Sequence[int], mesh: Mesh, rules=DEFAULT_RULES,
+                    where: str = "array") -> PartitionSpec:
+    """PartitionSpec for an array with logical `axes` and `shape` on `mesh` under `rules`."""
+    rules = dict(rules)
+    return PartitionSpec(*(_resolve(a, d, mesh, rules, where) for a, d in zip(axes, shape)))
+
+
+def param_shardings(config: LlamaConfig, mesh: Mesh, rules=DEFAULT_RULES) -> dict:
+    """NamedSharding for every parameter of `config`'s model on `mesh`."""
+    from llama_jax.model import logical_axes, param_shapes
+
+    shapes, axes = param_shapes(config), logical_axes(config)
+
+    def one(path, shape_struct, spec):
+        name = "/".join(str(getattr(k, "key", k)) for k in path)
+        return NamedSharding(mesh, logical_to_spec(tuple(spec), shape_struct.shape, mesh, rules, name))
+
+    return jax.tree_util.tree_map_with_path(one, shapes, axes)
+
+
+@contextlib.contextmanager
+def use_mesh(mesh: Mesh, rules=DEFAULT_RULES):
+    """Context in which the model's logical activation constraints resolve against `mesh`."""
+    with jax.set_mesh(mesh), nn.logical_axis_rules(tuple(rules)):
+        yield
+
+
+def init_sharded_params(config: LlamaConfig, mesh: Mesh, rng: jax.Array, rules=DEFAULT_RULES) -> dict:
+    """Random parameters created directly in their shardings: no host ever holds the whole model."""
+    from llama_jax.model import Llama
+
+    shardings = param_shardings(config, mesh, rules)
+
+    def init(key):
+        variables = Llama(config).init(key, jnp.zeros((1, 8), jnp.int32))
+        return nn.meta.unbox(variables["params"])
+
+    with use_mesh(mesh, rules):
+        return jax.jit(init, out_shardings=shardings)(rng)
