@@ -209,14 +209,18 @@ class LlamaConfig:
             raise ConfigError(f"{where}: missing required key(s) {missing}")
         heads = int(d["num_attention_heads"])
         eos = d.get("eos_token_id", 2)
+        # transformers >= 5 writes theta and scaling together as "rope_parameters" instead of
+        # rope_theta + rope_scaling.
+        rope_params = dict(d.get("rope_parameters") or {})
         kwargs = dict(
             vocab_size=int(d["vocab_size"]), hidden_size=int(d["hidden_size"]),
             intermediate_size=int(d["intermediate_size"]), num_layers=int(d["num_hidden_layers"]),
             num_heads=heads, num_kv_heads=int(d.get("num_key_value_heads") or heads),
             head_dim=int(d["head_dim"]) if d.get("head_dim") else None,
             rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
-            rope_theta=float(d.get("rope_theta", 10000.0)),
-            rope_scaling=RopeScaling.from_hf_dict(d.get("rope_scaling"), f"{where}: rope_scaling"),
+            rope_theta=float(d.get("rope_theta", rope_params.get("rope_theta", 10000.0))),
+            rope_scaling=RopeScaling.from_hf_dict(d.get("rope_scaling") or rope_params or None,
+                                                  f"{where}: rope_scaling"),
             # Llama 1 conversions used max_sequence_length in old transformers versions.
             max_position_embeddings=int(d.get("max_position_embeddings") or d.get("max_sequence_length") or 2048),
             tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
