@@ -80,7 +80,7 @@ def _resolve(logical: Optional[str], dim: int, mesh: Mesh, rules: dict, where: s
     if not axes:
         return None
     size = math.prod(mesh.shape[a] for a in axes)
-    if dim % size:
+    if dim is not None and dim % size:
         if logical in REPLICATE_IF_INDIVISIBLE:
             return None
         raise MeshError(f"{where}: dimension '{logical}' of size {dim} cannot be split over mesh axis "
@@ -93,6 +93,20 @@ def logical_to_spec(axes: Sequence[Optional[str]], shape: Sequence[int], mesh: M
     """PartitionSpec for an array with logical `axes` and `shape` on `mesh` under `rules`."""
     rules = dict(rules)
     return PartitionSpec(*(_resolve(a, d, mesh, rules, where) for a, d in zip(axes, shape)))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    """A sharding that keeps a full copy on every device (scalars, metrics, step counters)."""
+    return NamedSharding(mesh, PartitionSpec())
+
+
+def batch_sharding(mesh: Mesh, rules=DEFAULT_RULES, axes: Sequence[Optional[str]] = ("batch",),
+                   shape: Optional[Sequence[Optional[int]]] = None) -> NamedSharding:
+    """NamedSharding for activations / input batches with logical `axes` (trailing dimensions replicated).
+    The default splits only the leading batch dimension over data×fsdp, so one sharding fits every [B, ...]
+    array of a batch dict (as a jit in_shardings prefix). `shape` entries of None skip the divisibility check."""
+    shape = tuple(shape) if shape is not None else (None,) * len(axes)
+    return NamedSharding(mesh, logical_to_spec(tuple(axes), shape, mesh, rules, "batch"))
 
 
 def param_shardings(config: LlamaConfig, mesh: Mesh, rules=DEFAULT_RULES) -> dict:

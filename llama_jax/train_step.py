@@ -1,0 +1,308 @@
+"""Loss, optimizer and the jitted, sharded, donated training step (and a sharded forward pass).
+
+Legend: B global batch, T sequence length, V vocab, k micro-batches (gradient accumulation).
+
+A batch is a dict of [B, T] arrays:
+    inputs       int32   tokens fed to the model (or `tokens` [B, T+1]: inputs = tokens[:, :-1],
+                         targets = tokens[:, 1:])
+    targets      int32   the next token of each input position
+    positions    int32   optional; default 0..T-1 (packed data gives per-document positions)
+    segment_ids  int32   optional; attention never crosses segments; segment 0 is padding
+    loss_mask    float   optional per-target weight (0 for padding, chat prompts, document boundaries);
+                         default: 1 where segment_ids != 0 (or everywhere without segment_ids)
+
+The loss is the weighted mean of float32 next-token cross entropy over the whole global batch (sum of
+weighted losses / sum of weights), so k accumulated micro-batches give exactly one k-times-larger batch.
+
+The state is a `TrainState` pytree: `params` are the trained leaves (float32 master weights when
+config.param_dtype is float32; the model computes in config.dtype), `opt_state` the optax state, and
+`frozen` an optional tree of leaves that are used but not trained (e.g. the base weights under LoRA), combined
+with `params` by the `combine(params, frozen) -> model params` hook of `make_train_step`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Mapping, Optional
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from llama_jax.config import LlamaConfig
+from llama_jax.model import Llama
+from llama_jax.sharding import (DEFAULT_RULES, batch_sharding, param_shardings, replicated, use_mesh)
+
+Batch = Mapping[str, jax.Array]
+
+
+class TrainState(flax.struct.PyTreeNode):
+    """step: int32 scalar (optimizer updates done); params: the trained tree; opt_state: optax state of
+    `params`; frozen: a tree used by the model but not trained (None unless e.g. LoRA)."""
+
+    step: jax.Array
+    params: Any
+    opt_state: Any
+    frozen: Any = None
+
+
+# ---------------------------------------------------------------------------------------------- optimizer
+def make_schedule(peak_lr: float, warmup_steps: int, total_steps: int, end_lr_ratio: float = 0.1) -> optax.Schedule:
+    """Learning rate of update number `step` (0-based): linear warmup peak_lr * (step + 1) / warmup_steps (so
+    the first update is not wasted at lr 0), then cosine decay to `end_lr_ratio * peak_lr` at `total_steps`,
+    constant after."""
+    if total_steps <= 0 or warmup_steps < 0 or peak_lr < 0:
+        raise ValueError(f"make_schedule: expected peak_lr >= 0, total_steps > 0 and warmup_steps >= 0, found "
+                         f"peak_lr={peak_lr}, total_steps={total_steps}, warmup_steps={warmup_steps}")
+    end_lr = peak_lr * end_lr_ratio
+
+    def schedule(step):
+        step = jnp.asarray(step, jnp.float32)
+        warm = peak_lr * (step + 1.0) / max(warmup_steps, 1)
+        progress = jnp.clip((step - warmup_steps) / max(total_steps - warmup_steps, 1), 0.0, 1.0)
+        cosine = end_lr + (peak_lr - end_lr) * 0.5 * (1.0 + jnp.cos(jnp.pi * progress))
+        return jnp.where(step < warmup_steps, warm, cosine)
+
+    return schedule
+
+
+def decay_mask(params, decay_embeddings: bool = False):
+    """Tree of bools: True where weight decay applies. Norm scales never decay (they are gains around 1);
+    the token embedding decays only when `decay_embeddings`. Works on any nested-dict tree (e.g. LoRA)."""
+
+    def one(path, _):
+        names = [str(getattr(k, "key", k)) for k in path]
+        if any(n.endswith("norm") for n in names):
+            return False
+        if "embed" in names and not decay_embeddings:
+            return False
+        return True
+
+    return jax.tree_util.tree_map_with_path(one, params)
+
+
+def make_optimizer(learning_rate, *, weight_decay: float = 0.1, b1: float = 0.9, b2: float = 0.95,
+                   eps: float = 1e-8, clip_norm: Optional[float] = 1.0, decay_embeddings: bool = False,
+                   mu_dtype=None) -> optax.GradientTransformation:
+    """AdamW (decoupled weight decay, masked by `decay_mask`) after global-norm clipping to `clip_norm`.
+
+    `learning_rate` is a float or a schedule (see `make_schedule`). `mu_dtype` sets the first-moment dtype
+    (default: the parameters' dtype, i.e. float32 with float32 master weights).
+    """
+    adamw = optax.adamw(learning_rate, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, mu_dtype=mu_dtype,
+                        mask=lambda p: decay_mask(p, decay_embeddings))
+    if clip_norm is None or clip_norm <= 0:
+        return adamw
+    return optax.chain(optax.clip_by_global_norm(clip_norm), adamw)
+
+
+# ---------------------------------------------------------------------------------------------- shardings
+def _dict_path(path) -> tuple:
+    return tuple(str(k.key) for k in path if isinstance(k, jax.tree_util.DictKey))
+
+
+def opt_state_shardings(optimizer: optax.GradientTransformation, params_shapes, params_shardings, mesh: Mesh):
+    """Shardings of `optimizer.init(params)`: each leaf shaped like a parameter (Adam's mu/nu, ...) takes that
+    parameter's sharding, matched by its dict-key path and shape; everything else (counts) is replicated."""
+    by_path = {}
+    for path, sharding in jax.tree_util.tree_flatten_with_path(params_shardings)[0]:
+        by_path[_dict_path(path)] = sharding
+    shapes = {_dict_path(p): s.shape for p, s in jax.tree_util.tree_flatten_with_path(params_shapes)[0]}
+    state_shapes = jax.eval_shape(optimizer.init, params_shapes)
+
+    def one(path, leaf):
+        keys = _dict_path(path)
+        # The param path is a suffix of the state path (the state adds its own keys in front).
+        for start in range(len(keys)):
+            suffix = keys[start:]
+            if suffix in by_path and shapes[suffix] == leaf.shape:
+                return by_path[suffix]
+        return replicated(mesh)
+
+    return jax.tree_util.tree_map_with_path(one, state_shapes)
+
+
+def state_shardings(config: LlamaConfig, optimizer, mesh: Mesh, rules=DEFAULT_RULES, *, params_shapes=None,
+                    params_shardings=None, frozen_shardings=None) -> TrainState:
+    """TrainState of NamedShardings. By default the trained tree is the whole model (`param_shardings`);
+    pass `params_shapes`/`params_shardings` (and `frozen_shardings`) for another trained tree (LoRA)."""
+    from llama_jax.model import param_shapes
+
+    if params_shardings is None:
+        params_shapes, params_shardings = param_shapes(config), param_shardings(config, mesh, rules)
+    elif params_shapes is None:
+        raise ValueError("state_shardings: params_shardings given without params_shapes")
+    return TrainState(step=replicated(mesh), params=params_shardings,
+                      opt_state=opt_state_shardings(optimizer, params_shapes, params_shardings, mesh),
+                      frozen=frozen_shardings)
+
+
+def init_train_state(params, optimizer, shardings: TrainState, frozen=None) -> TrainState:
+    """A TrainState at step 0 around `params` (already placed, e.g. from `init_sharded_params` or a
+    checkpoint); the optimizer state is created directly in its shardings."""
+    opt_state = jax.jit(optimizer.init, out_shardings=shardings.opt_state)(params)
+    step = jax.device_put(jnp.zeros((), jnp.int32), shardings.step)
+    return TrainState(step=step, params=params, opt_state=opt_state, frozen=frozen)
+
+
+# ---------------------------------------------------------------------------------------------- loss
+def split_batch(batch: Batch) -> dict:
+    """Normalise a batch to {inputs, targets, positions|None, segment_ids|None, loss_mask} (see module doc)."""
+    if "inputs" in batch:
+        if "targets" not in batch:
+            raise KeyError(f"batch has 'inputs' but no 'targets'; keys are {sorted(batch)}")
+        inputs, targets = batch["inputs"], batch["targets"]
+    elif "tokens" in batch:
+        inputs, targets = batch["tokens"][:, :-1], batch["tokens"][:, 1:]
+    else:
+        raise KeyError(f"batch needs 'inputs' and 'targets' (or 'tokens' [B, T+1]); keys are {sorted(batch)}")
+    segment_ids = batch.get("segment_ids")
+    if "loss_mask" in batch:
+        weights = batch["loss_mask"].astype(jnp.float32)
+    elif segment_ids is not None:
+        weights = (segment_ids != 0).astype(jnp.float32)
+    else:
+        weights = jnp.ones(targets.shape, jnp.float32)
+    return dict(inputs=inputs, targets=targets, positions=batch.get("positions"), segment_ids=segment_ids,
+                loss_mask=weights)
+
+
+def cross_entropy_sum(logits: jax.Array, targets: jax.Array, weights: jax.Array):
+    """logits [B, T, V] float32, targets [B, T], weights [B, T] -> (sum of weighted CE, sum of weights)."""
+    logits = logits.astype(jnp.float32)
+    log_z = jax.nn.logsumexp(logits, axis=-1)  # [B, T]
+    target_logit = jnp.take_along_axis(logits, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
+    return jnp.sum((log_z - target_logit) * weights), jnp.sum(weights)
+
+
+def loss_fn(params, batch: Batch, config: LlamaConfig):
+    """Weighted-mean next-token cross entropy of `batch` (float32) -> (loss, (sum of CE, sum of weights))."""
+    b = split_batch(batch)
+    logits = Llama(config).apply({"params": params}, b["inputs"], positions=b["positions"],
+                                 segment_ids=b["segment_ids"])  # [B, T, V] float32
+    ce_sum, weight_sum = cross_entropy_sum(logits, b["targets"], b["loss_mask"])
+    return ce_sum / jnp.maximum(weight_sum, 1.0), (ce_sum, weight_sum)
+
+
+# ---------------------------------------------------------------------------------------------- steps
+def _micro_batches(batch: dict, k: int) -> dict:
+    """[B, ...] -> [k, B/k, ...] with micro-batch i = rows i, i+k, i+2k, ...: every device keeps contributing
+    its own rows to every micro-batch (a contiguous split would leave most devices idle per micro-batch)."""
+
+    def split(x):
+        if x.shape[0] % k:
+            raise ValueError(f"gradient accumulation: batch size {x.shape[0]} is not a multiple of "
+                             f"accum_steps={k}")
+        return jnp.swapaxes(x.reshape((x.shape[0] // k, k) + x.shape[1:]), 0, 1)
+
+    return {name: split(x) for name, x in batch.items() if x is not None}
+
+
+class MeshFunction:
+    """A jitted function that always traces and runs inside `use_mesh(mesh, rules)` (the model's logical
+    activation constraints need the mesh and rules in context; `jax.set_mesh` cannot be entered under jit).
+    `.jitted` is the underlying jax.jit object; `.lower(...)` lowers it in the mesh context."""
+
+    def __init__(self, jitted, mesh: Mesh, rules):
+        self.jitted, self.mesh, self.rules = jitted, mesh, rules
+
+    def __call__(self, *args):
+        with use_mesh(self.mesh, self.rules):
+            return self.jitted(*args)
+
+    def lower(self, *args):
+        with use_mesh(self.mesh, self.rules):
+            return self.jitted.lower(*args)
+
+
+def identity_combine(params, frozen):
+    return params
+
+
+def make_train_step(config: LlamaConfig, optimizer: optax.GradientTransformation, mesh: Mesh,
+                    rules=DEFAULT_RULES, *, shardings: Optional[TrainState] = None,
+                    schedule: Optional[Callable] = None, accum_steps: int = 1,
+                    combine: Callable = identity_combine, donate: bool = True) -> MeshFunction:
+    """`step(state, batch) -> (new_state, metrics)`, jitted with explicit shardings and the state donated.
+
+    `batch`: dict of [B, T] arrays (module doc), sharded over the batch axes (`sharding.batch_sharding`).
+    `accum_steps` = k splits the batch into k micro-batches run one after the other (lax.scan) with summed
+    gradients: the same update as one batch of B, with the activation memory of B/k.
+    `shardings`: the state's shardings (default `state_shardings(config, optimizer, mesh, rules)`).
+    `schedule`: the learning-rate schedule given to the optimizer, to report `learning_rate`.
+    `combine(params, frozen)` -> the model's parameter tree (default: params itself).
+    metrics (replicated float32 scalars): loss, grad_norm (before clipping), learning_rate (if schedule),
+    tokens (sum of loss weights).
+    """
+    if accum_steps < 1:
+        raise ValueError(f"make_train_step: accum_steps={accum_steps}, expected >= 1")
+    shardings = shardings or state_shardings(config, optimizer, mesh, rules)
+    data_sharding = batch_sharding(mesh, rules)
+
+    def sums(params, frozen, micro):
+        _, (ce_sum, weight_sum) = loss_fn(combine(params, frozen), micro, config)
+        return ce_sum, weight_sum
+
+    grad_of_sum = jax.value_and_grad(sums, has_aux=True)
+
+    def step(state: TrainState, batch: Batch):
+        batch = split_batch(batch)
+        if accum_steps == 1:
+            (ce_sum, weight_sum), grads = grad_of_sum(state.params, state.frozen, batch)
+        else:
+            def body(carry, micro):
+                ce_acc, w_acc, g_acc = carry
+                micro = jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, data_sharding), micro)
+                (ce, w), g = grad_of_sum(state.params, state.frozen, micro)
+                return (ce_acc + ce, w_acc + w, jax.tree.map(jnp.add, g_acc, g)), None
+
+            zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
+            zeros = jax.lax.with_sharding_constraint(zeros, shardings.params)
+            init = (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32), zeros)
+            (ce_sum, weight_sum, grads), _ = jax.lax.scan(body, init, _micro_batches(batch, accum_steps))
+        denom = jnp.maximum(weight_sum, 1.0)
+        grads = jax.tree.map(lambda g, p: (g / denom).astype(p.dtype), grads, state.params)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics = {"loss": ce_sum / denom, "grad_norm": optax.global_norm(grads), "tokens": weight_sum}
+        if schedule is not None:
+            metrics["learning_rate"] = jnp.asarray(schedule(state.step), jnp.float32)
+        new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state, frozen=state.frozen)
+        return new_state, metrics
+
+    jitted = jax.jit(step, in_shardings=(shardings, data_sharding), out_shardings=(shardings, replicated(mesh)),
+                     donate_argnums=(0,) if donate else ())
+    return MeshFunction(jitted, mesh, rules)
+
+
+def make_eval_step(config: LlamaConfig, mesh: Mesh, rules=DEFAULT_RULES, *, params_shardings=None,
+                   combine: Callable = identity_combine, frozen_shardings=None) -> MeshFunction:
+    """`eval_step(params, frozen, batch) -> {"loss", "tokens"}` (weighted-mean CE; no update, no donation)."""
+    params_shardings = params_shardings or param_shardings(config, mesh, rules)
+
+    def step(params, frozen, batch):
+        _, (ce_sum, weight_sum) = loss_fn(combine(params, frozen), batch, config)
+        return {"loss": ce_sum / jnp.maximum(weight_sum, 1.0), "tokens": weight_sum}
+
+    jitted = jax.jit(step, in_shardings=(params_shardings, frozen_shardings, batch_sharding(mesh, rules)),
+                     out_shardings=replicated(mesh))
+    return MeshFunction(jitted, mesh, rules)
+
+
+def make_forward(config: LlamaConfig, mesh: Mesh, rules=DEFAULT_RULES, *, params_shardings=None) -> MeshFunction:
+    """`forward(params, batch) -> logits` [B, T, V] float32, sharded (batch over data×fsdp, vocab over
+    tensor). `batch` has `inputs` (or `tokens`) [B, T] and optionally `positions`, `segment_ids`."""
+    params_shardings = params_shardings or param_shardings(config, mesh, rules)
+    data_sharding = batch_sharding(mesh, rules)
+    logits_sharding = batch_sharding(mesh, rules, ("batch", "length", "act_vocab"), (None, None, config.vocab_size))
+
+    def forward(params, batch):
+        inputs = batch["inputs"] if "inputs" in batch else batch["tokens"]
+        return Llama(config).apply({"params": params}, inputs, positions=batch.get("positions"),
+                                   segment_ids=batch.get("segment_ids"))
+
+    jitted = jax.jit(forward, in_shardings=(params_shardings, data_sharding), out_shardings=logits_sharding)
+    return MeshFunction(jitted, mesh, rules)
