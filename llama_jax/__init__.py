@@ -2,6 +2,7 @@
 
 from llama_jax.config import ConfigError, LlamaConfig, RopeScaling
 from llama_jax.model import Llama, init_cache, init_params, param_shapes
+from llama_jax.loading import load
 
-__all__ = ["ConfigError", "LlamaConfig", "RopeScaling", "Llama", "init_cache", "init_params", "param_shapes"]
+__all__ = ["ConfigError", "LlamaConfig", "RopeScaling", "Llama", "init_cache", "init_params", "param_shapes", "load"]
 __version__ = "0.1.0"
