@@ -1,0 +1,333 @@
+"""Ahead-of-time compilation for TPU slices, on a machine without a TPU.
+
+With the `libtpu` wheel installed, `jax.experimental.topologies` describes a TPU slice (e.g. "v5p:4x4x4", 64
+chips) on a CPU host, and a function jitted with shardings over a Mesh of those devices compiles with the real
+TPU compiler. Nothing is allocated: every input is a `jax.ShapeDtypeStruct` carrying its sharding. From the
+compiled program we read the per-chip memory (`memory_analysis`), XLA's FLOP count (`cost_analysis`) and the
+collectives (`llama_jax.hlo`).
+
+    python train.py --config configs/llama3.1-8b.py --aot v5p:2x4x4      # the real train step
+    python sample.py --checkpoint-config llama3.1-8b --aot v5e:2x4       # prefill + one decode step
+    python -m llama_jax.aot train --config configs/NAME.py --topology v5p:4x4x4
+
+Notes on the numbers. Memory is per device (one chip; v4's topology lists each TensorCore as a device, so
+there a device has half a chip's HBM). XLA's cost analysis counts a while-loop body once, so for a scanned
+layer stack it is the cost of a one-layer model (and of one gradient-accumulation micro-batch); the report
+compares it with the analytic count of exactly that and gives the analytic step FLOPs (the MFU numerator).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import os
+import re
+import sys
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from llama_jax import hlo
+from llama_jax.config import LlamaConfig
+
+GIB = 1024 ** 3
+
+
+class AotError(ValueError):
+    """A topology, mesh or recipe that cannot be compiled; the message lists the valid choices."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Chip:
+    hbm_gib: float          # per chip
+    peak_flops: float       # dense bf16 FLOP/s per chip
+    examples: Tuple[str, ...]
+
+
+# HBM and peak bf16 FLOP/s per chip from Google Cloud's TPU system-architecture pages.
+CHIPS = {
+    "v4": Chip(32, 275e12, ("v4:2x2x1", "v4:2x2x2", "v4:2x2x4", "v4:4x4x4", "v4:4x4x8", "v4:8x8x8")),
+    "v5e": Chip(16, 197e12, ("v5e:1x1", "v5e:2x2", "v5e:2x4", "v5e:4x4", "v5e:4x8", "v5e:8x8", "v5e:8x16",
+                             "v5e:16x16")),
+    "v5p": Chip(95, 459e12, ("v5p:2x2x1", "v5p:2x2x2", "v5p:2x2x4", "v5p:2x4x4", "v5p:4x4x4", "v5p:4x4x8",
+                             "v5p:4x8x8", "v5p:8x8x8", "v5p:8x8x16")),
+    "v6e": Chip(32, 918e12, ("v6e:1x1", "v6e:2x2", "v6e:2x4", "v6e:4x4", "v6e:4x8", "v6e:8x8", "v6e:8x16",
+                             "v6e:16x16")),
+}
+
+
+def valid_topologies() -> str:
+    return "; ".join(f"{g}: {', '.join(c.examples)}" for g, c in CHIPS.items())
+
+
+@dataclasses.dataclass(frozen=True)
+class Topology:
+    """A TPU slice: its `devices` (TpuDevice objects usable in a Mesh, not attached to anything), chips, and
+    per-device HBM bytes and peak FLOP/s."""
+
+    name: str
+    generation: str
+    chips: int
+    devices: Tuple[Any, ...]
+
+    @property
+    def devices_per_chip(self) -> int:
+        return max(len(self.devices) // self.chips, 1)
+
+    @property
+    def hbm_bytes(self) -> int:
+        return int(CHIPS[self.generation].hbm_gib * GIB / self.devices_per_chip)
+
+    @property
+    def peak_flops(self) -> float:
+        return CHIPS[self.generation].peak_flops / self.devices_per_chip
+
+
+def get_topology(name: str) -> Topology:
+    """The TPU slice `name` ("v5e:2x2", "v5p:4x4x4", ...), described by libtpu without a TPU."""
+    m = re.fullmatch(r"(v4|v5e|v5p|v6e):(\d+(?:x\d+){1,2})", name.strip())
+    if not m:
+        raise AotError(f"unknown TPU topology {name!r}: expected GENERATION:AxB[xC] with GENERATION one of "
+                       f"{', '.join(CHIPS)}; valid choices include {valid_topologies()}")
+    try:
+        from jax.experimental import topologies
+        desc = topologies.get_topology_desc(platform="tpu", topology_name=name.strip())
+    except Exception as e:  # libtpu missing, or a shape libtpu rejects
+        msg = str(e).split("\n")[0]
+        if "libtpu" in msg.lower() or "tpu" not in msg.lower() and "platform" in msg.lower():
+            msg += " (install the TPU compiler: pip install libtpu==0.0.52)"
+        raise AotError(f"TPU topology {name!r} is not available: {msg}; valid choices include "
+                       f"{valid_topologies()}") from None
+    chips = math.prod(int(d) for d in m.group(2).split("x"))
+    return Topology(name.strip(), m.group(1), chips, tuple(desc.devices))
+
+
+def _divisors(n: int) -> List[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def topology_mesh(topology: Topology, data: int = 1, fsdp: int = -1, tensor: int = 1):
+    """A (data, fsdp, tensor) Mesh over the slice's devices, laid out on the physical torus (tensor
+    innermost); one size may be -1. A mesh that does not cover the slice exactly is an AotError."""
+    from llama_jax.sharding import MESH_AXES
+
+    n = len(topology.devices)
+    sizes = [data, fsdp, tensor]
+    known = math.prod(s for s in sizes if s != -1)
+    bad = (sum(s == -1 for s in sizes) > 1 or any(s == 0 or s < -1 for s in sizes) or n % known
+           or (-1 not in sizes and known != n))
+    if bad:
+        choices = ", ".join(f"(data=1, fsdp={n // t}, tensor={t})" for t in _divisors(n) if t <= 16)
+        raise AotError(f"mesh data={data} × fsdp={fsdp} × tensor={tensor} does not divide the {n} devices of "
+                       f"{topology.name}: the product must be {n} (one size may be -1); valid sizes are the "
+                       f"divisors of {n}: {_divisors(n)}, e.g. {choices}")
+    sizes = [n // known if s == -1 else s for s in sizes]
+    auto = (jax.sharding.AxisType.Auto,) * 3
+    try:
+        return jax.make_mesh(tuple(sizes), MESH_AXES, axis_types=auto, devices=list(topology.devices))
+    except Exception:  # a shape the physical-layout helper does not know: plain row-major order
+        from jax.sharding import Mesh
+        return Mesh(np.asarray(topology.devices).reshape(sizes), MESH_AXES, axis_types=auto)
+
+
+# ------------------------------------------------------------------------------------------ analysis
+def abstract(shapes, shardings):
+    """ShapeDtypeStruct leaves with shardings (a tree of shapes + a matching tree of shardings)."""
+    return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
+
+
+def device_bytes(tree) -> int:
+    """Bytes one device holds of an abstract tree (the largest shard of each leaf)."""
+    total = 0
+    for leaf in jax.tree.leaves(tree):
+        shape = leaf.sharding.shard_shape(leaf.shape) if getattr(leaf, "sharding", None) else leaf.shape
+        total += math.prod(shape) * jnp.dtype(leaf.dtype).itemsize
+    return total
+
+
+@dataclasses.dataclass
+class Compiled:
+    """What one compiled program needs per device, and what it does."""
+
+    name: str
+    inputs: Dict[str, int]      # per-device bytes of each named input (params, opt_state, batch, cache...)
+    argument: int               # memory_analysis: arguments (= sum of inputs, up to padding)
+    output: int
+    alias: int                  # outputs written into donated inputs
+    temp: int                   # activations, gradients, workspaces
+    code: int
+    xla_flops: float            # cost_analysis per device (while bodies counted once)
+    collectives: List[hlo.Collective]
+    compile_s: float
+
+    @property
+    def total(self) -> int:
+        """Peak bytes per device: live inputs + fresh outputs + temporaries + code."""
+        return self.argument + self.output - self.alias + self.temp + self.code
+
+
+def compile_and_analyze(name: str, fn, args: Sequence, inputs: Dict[str, int], mesh) -> Compiled:
+    """Lower `fn` (a jax.jit or anything with .lower) on abstract `args`, compile for the mesh's devices."""
+    import time
+
+    t0 = time.perf_counter()
+    lowered = fn.lower(*args)
+    compiled = lowered.compile()
+    seconds = time.perf_counter() - t0
+    mem = compiled.memory_analysis()
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    colls = hlo.collectives(compiled.as_text(), dict(mesh.shape))
+    return Compiled(name, inputs, mem.argument_size_in_bytes, mem.output_size_in_bytes, mem.alias_size_in_bytes,
+                    mem.temp_size_in_bytes, mem.generated_code_size_in_bytes, float(cost.get("flops", 0.0)),
+                    colls, seconds)
+
+
+def hardware_flops_per_token(config: LlamaConfig, seq_len: int, train: bool = True) -> float:
+    """FLOPs XLA actually executes per token: matmuls (6N train / 2N forward), attention over all seq_len keys
+    (the causal mask is applied to a full QK^T), and the forward of the blocks again under full remat."""
+    from llama_jax.flops import matmul_params
+
+    head = config.hidden_size * config.vocab_size
+    layer_params = matmul_params(config) - head
+    attn_fwd = 4 * config.num_layers * config.num_heads * config.head_dim * seq_len  # QK^T and PV
+    if not train:
+        return 2.0 * matmul_params(config) + attn_fwd
+    flops = 6.0 * matmul_params(config) + 3 * attn_fwd
+    if config.remat == "full":
+        flops += 2.0 * layer_params + attn_fwd
+    elif config.remat == "dots_no_batch":
+        flops += attn_fwd  # attention's batched dots are recomputed
+    elif config.remat == "save_qkv_proj":  # everything but the q/k/v projections is recomputed
+        d, h = config.hidden_size, config.head_dim
+        qkv = config.num_layers * d * h * (config.num_heads + 2 * config.num_kv_heads)
+        flops += 2.0 * (layer_params - qkv) + attn_fwd
+    return flops
+
+
+# ------------------------------------------------------------------------------------------ training
+@dataclasses.dataclass
+class TrainReport:
+    """The compiled train step of a recipe on a slice, and the numbers that decide whether it fits."""
+
+    recipe: str
+    topology: Topology
+    mesh_shape: Dict[str, int]
+    config: LlamaConfig
+    batch_size: int
+    seq_len: int
+    grad_accum: int
+    compiled: Compiled
+    flops_per_step: float         # analytic model FLOPs (train_flops_per_token x tokens): the MFU numerator
+    xla_check: Tuple[float, float]  # (XLA cost per device x devices, analytic hardware FLOPs of the same program)
+
+    @property
+    def fits(self) -> bool:
+        return self.compiled.total <= self.topology.hbm_bytes
+
+    @property
+    def headroom(self) -> float:
+        return 1.0 - self.compiled.total / self.topology.hbm_bytes
+
+    def step_time(self, mfu: float) -> float:
+        """Seconds per step at model-FLOPs utilisation `mfu`."""
+        return self.flops_per_step / (mfu * self.topology.peak_flops * len(self.topology.devices))
+
+
+def _abstract_batch(batch_size: int, seq_len: int, sharding) -> dict:
+    """The trainer's batch (llama_jax.data rows): inputs, targets, segment_ids, positions, loss_mask."""
+    ints = {k: jax.ShapeDtypeStruct((batch_size, seq_len), jnp.int32, sharding=sharding)
+            for k in ("inputs", "targets", "segment_ids", "positions")}
+    return dict(ints, loss_mask=jax.ShapeDtypeStruct((batch_size, seq_len), jnp.float32, sharding=sharding))
+
+
+def compile_train(run_config, topology: str, recipe: str = "") -> TrainReport:
+    """Compile the train step of `run_config` (a RunConfig) for the TPU slice `topology`: the same optimizer,
+    shardings, remat, scan, gradient accumulation, LoRA and donation as `trainer.train`, built by the same
+    functions, on abstract inputs."""
+    from llama_jax import flops as flops_lib
+    from llama_jax import train_step as ts
+    from llama_jax import trainer
+    from llama_jax.sharding import DEFAULT_RULES, MeshError, batch_sharding
+
+    cfg = run_config
+    topo = get_topology(topology)
+    mesh = topology_mesh(topo, cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
+    config = trainer.model_config(cfg)
+    shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    if (cfg.batch_size // cfg.grad_accum) % shards:
+        raise AotError(f"batch_size={cfg.batch_size} / grad_accum={cfg.grad_accum} cannot be split over mesh "
+                       f"data×fsdp = {shards} devices of {topo.name}; use a multiple of {shards * cfg.grad_accum}")
+    schedule = ts.make_schedule(cfg.optim.lr, cfg.optim.warmup_steps, cfg.steps, cfg.optim.min_lr_ratio)
+    optimizer = ts.make_optimizer(schedule, weight_decay=cfg.optim.weight_decay, b1=cfg.optim.b1, b2=cfg.optim.b2,
+                                  eps=cfg.optim.eps, clip_norm=cfg.optim.clip_norm)
+    setup = trainer.Setup(cfg, config, "", {}, mesh, None)
+    try:
+        model = trainer.Model(setup, optimizer)
+    except MeshError as e:
+        raise AotError(f"{recipe or 'config'} does not fit mesh {dict(mesh.shape)}: {e}") from None
+    sh = model.state_shardings
+    frozen = None
+    if model.lora:
+        from llama_jax.model import param_shapes
+        frozen = abstract(param_shapes(config), sh.frozen)
+    state = ts.TrainState(step=jax.ShapeDtypeStruct((), jnp.int32, sharding=sh.step),
+                          params=abstract(model.shapes, sh.params),
+                          opt_state=abstract(jax.eval_shape(optimizer.init, model.shapes), sh.opt_state),
+                          frozen=frozen)
+    batch = _abstract_batch(cfg.batch_size, cfg.seq_len, batch_sharding(mesh, DEFAULT_RULES))
+    step_fn = ts.make_train_step(config, optimizer, mesh, shardings=sh, schedule=schedule,
+                                 accum_steps=cfg.grad_accum, combine=model.combine)
+    inputs = {"params": device_bytes(state.params), "opt_state": device_bytes(state.opt_state),
+              "batch": device_bytes(batch)}
+    if frozen is not None:
+        inputs["frozen"] = device_bytes(frozen)
+    compiled = compile_and_analyze("train_step", step_fn, (state, batch), inputs, mesh)
+
+    tokens = cfg.batch_size * cfg.seq_len
+    flops_per_step = flops_lib.train_flops_per_token(config, cfg.seq_len) * tokens
+    # XLA counts the layer scan (and the accumulation scan) once: compare with one layer, one micro-batch.
+    one = config.replace(num_layers=1)
+    expected = hardware_flops_per_token(one, cfg.seq_len) * tokens / cfg.grad_accum
+    check = (compiled.xla_flops * len(topo.devices), expected)
+    return TrainReport(recipe, topo, dict(mesh.shape), config, cfg.batch_size, cfg.seq_len, cfg.grad_accum,
+                       compiled, flops_per_step, check)
+
+
+def _gib(n: float) -> str:
+    return f"{n / GIB:.2f} GiB" if abs(n) >= GIB / 4 else f"{n / 2**20:.1f} MiB"
+
+
+def format_collectives(colls: Sequence[hlo.Collective], limit: int = 8) -> List[str]:
+    lines = []
+    for kind, axes, count, nbytes in hlo.summarize(colls)[:limit]:
+        lines.append(f"    {kind:<18} over {'×'.join(axes) or '-':<12} {count:>6}x per step  "
+                     f"{nbytes / 2**20:10.1f} MiB per device")
+    return lines
+
+
+def format_compiled(c: Compiled, hbm: int) -> List[str]:
+    parts = ", ".join(f"{k} {_gib(v)}" for k, v in c.inputs.items())
+    return [f"  per device: {parts}",
+            f"    temporaries (activations, gradients, workspace) {_gib(c.temp)}, new outputs "
+            f"{_gib(c.output - c.alias)}, code {_gib(c.code)}",
+            f"    total {_gib(c.total)} of {_gib(hbm)} HBM  ->  {'FITS' if c.total <= hbm else 'DOES NOT FIT'}, "
+            f"headroom {100 * (1 - c.total / hbm):.0f}%   (compiled in {c.compile_s:.0f}s)",
+            "  collectives (from the compiled HLO):"] + format_collectives(c.collectives)
+
+
+def format_train(r: TrainReport) -> str:
+    xla, expected = r.xla_check
+    lines = [f"AOT train step: {r.recipe or r.config.name} ({r.config.name}, {r.config.num_params() / 1e9:.2f}B params, "
+             f"remat={r.config.remat}, {r.config.dtype}/{r.config.param_dtype}) on {r.topology.name} "
+             f"({r.topology.chips} chips, {len(r.topology.devices)} devices)",
+             f"  mesh {r.mesh_shape}, batch {r.batch_size} x {r.seq_len} tokens, grad_accum {r.grad_accum}"]
+    lines += format_compiled(r.compiled, r.topology.hbm_bytes)
+    lines += [f"  FLOPs per step (analytic, for MFU): {r.flops_per_step:.3e}; at 40% MFU a step takes "
+              f"{r.step_time(0.4):.2f}s ({r.batch_size * r.seq_len / r.step_time(0.4):,.0f} tokens/s)",
+              f"  XLA cost analysis (layer loop counted once): {xla:.3e} vs analytic {expected:.3e} for one layer "
+              f"and one micro-batch ({100 * (xla / expected - 1):+.1f}%)"]
+    return "\n".join(lines)
