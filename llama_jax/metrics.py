@@ -1,0 +1,101 @@
+"""Training metrics: a tqdm progress bar, WORKDIR/metrics.jsonl and TensorBoard event files.
+
+Only process 0 writes. On resume, metrics.jsonl keeps the lines up to the restored step and drops the rest
+(steps the interrupted run logged after its last checkpoint are trained again), so the file of a resumed run
+reads like the file of a run that was never interrupted.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Dict, Optional
+
+# Shown on the progress bar (the rest goes to the files only), with their formats.
+_BAR = (("loss", "{:.3f}"), ("tok/s", "{:.0f}"), ("mfu", "{:.1%}"), ("eval_loss", "{:.3f}"))
+
+
+def truncate_jsonl(path: str, last_step: int) -> None:
+    """Keep only the lines of `path` whose step is <= last_step (a half-written last line is dropped)."""
+    if not os.path.isfile(path):
+        return
+    kept = []
+    with open(path) as f:
+        for line in f:
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if rec.get("step", 0) <= last_step:
+                kept.append(line if line.endswith("\n") else line + "\n")
+    with open(path, "w") as f:
+        f.writelines(kept)
+
+
+def read_jsonl(path: str) -> list:
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+class MetricsLogger:
+    """`log(step, {...})` -> progress bar postfix, one JSON line, TensorBoard scalars (process 0 only)."""
+
+    def __init__(self, workdir: str, total_steps: int, start_step: int = 0, enabled: bool = True,
+                 progress: bool = True, tensorboard: bool = True):
+        self.enabled = enabled
+        self.path = os.path.join(workdir, "metrics.jsonl")
+        self.bar = self.tb = self.file = None
+        if not enabled:
+            return
+        os.makedirs(workdir, exist_ok=True)
+        truncate_jsonl(self.path, start_step)
+        self.file = open(self.path, "a")
+        if tensorboard:
+            from tensorboardX import SummaryWriter
+            self.tb = SummaryWriter(os.path.join(workdir, "tensorboard"), purge_step=start_step + 1)
+        if progress:
+            from tqdm import tqdm
+            self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True)
+        self._bar_values: Dict[str, str] = {}
+
+    def log(self, step: int, values: Dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        clean = {k: (float(v) if isinstance(v, (int, float)) or hasattr(v, "item") else v) for k, v in values.items()}
+        rec = {"step": int(step), **{k: (v if not (isinstance(v, float) and not math.isfinite(v)) else str(v))
+                                     for k, v in clean.items()}}
+        self.file.write(json.dumps(rec) + "\n")
+        self.file.flush()
+        if self.tb is not None:
+            for k, v in clean.items():
+                if isinstance(v, float) and math.isfinite(v):
+                    self.tb.add_scalar(f"train/{k}" if not k.startswith("eval") else k.replace("_", "/", 1), v, step)
+        if self.bar is not None:
+            for k, fmt in _BAR:
+                key = {"tok/s": "tokens_per_s"}.get(k, k)
+                if key in clean and isinstance(clean[key], float):
+                    self._bar_values[k] = fmt.format(clean[key])
+            self.bar.set_postfix(self._bar_values, refresh=False)
+
+    def advance(self, step: int) -> None:
+        """Move the bar to `step` (called every step, logged or not)."""
+        if self.bar is not None:
+            self.bar.update(step - self.bar.n)
+
+    def write(self, msg: str) -> None:
+        """Print without breaking the bar."""
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.write(msg)
+        else:
+            print(msg, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        if self.tb is not None:
+            self.tb.close()
+        if self.file is not None:
+            self.file.close()
