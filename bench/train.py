@@ -1,6 +1,7 @@
 """Training-step throughput and MFU: our jitted train step (forward, backward, AdamW; `llama_jax.train_step`)
 against transformers' LlamaForCausalLM + torch.optim.AdamW, same config, batch and sequence, float32, in one
-process. MFU = analytic model FLOPs per second / the dense float32 matmul peak measured in the same run.
+process. MFU = analytic model FLOPs per second (`llama_jax.flops.train_flops_per_token`: 6 x matmul weights + causal
+attention) / the dense float32 matmul peak measured in the same run.
 
     python bench/train.py                       # bench-20m and bench-120m, batch 4, sequence 512
     python bench/train.py --presets tiny --seq 64 --steps 2     # a smoke run
@@ -22,21 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from llama_jax import LlamaConfig, init_params
-
-
-def train_flops_per_token(cfg: LlamaConfig, seq: int) -> float:
-    """Analytic training FLOPs per token (forward + backward = 3x forward): 6 x matmul weights (the output
-    projection counts even when tied to the embedding; the embedding gather does not) plus attention's
-    QK^T and PV, 12 * L * N*H * T (PaLM's formula; causal masking is not discounted)."""
-    try:
-        from llama_jax.flops import train_flops_per_token as library_flops
-        return float(library_flops(cfg, seq))
-    except ImportError:
-        pass
-    d, f, h = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
-    per_layer = d * h * (2 * cfg.num_heads + 2 * cfg.num_kv_heads) + 3 * d * f
-    matmul_params = cfg.num_layers * per_layer + d * cfg.vocab_size
-    return 6.0 * matmul_params + 12.0 * cfg.num_layers * cfg.num_heads * h * seq
+from llama_jax.flops import train_flops_per_token
 
 
 def bench_ours(cfg: LlamaConfig, tokens: np.ndarray, steps: int, lr: float) -> dict:
