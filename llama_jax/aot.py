@@ -92,6 +92,9 @@ def get_topology(name: str) -> Topology:
     if not m:
         raise AotError(f"unknown TPU topology {name!r}: expected GENERATION:AxB[xC] with GENERATION one of "
                        f"{', '.join(CHIPS)}; valid choices include {valid_topologies()}")
+    # libtpu takes /tmp/libtpu_lockfile on load; any other jax process that probed for a TPU (a CPU run
+    # without JAX_PLATFORMS=cpu) holds it. We only compile, so sharing is safe.
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     try:
         from jax.experimental import topologies
         desc = topologies.get_topology_desc(platform="tpu", topology_name=name.strip())
@@ -207,6 +210,43 @@ def hardware_flops_per_token(config: LlamaConfig, seq_len: int, train: bool = Tr
         flops += 2.0 * (layer_params - qkv) + attn_fwd
     return flops
 
+
+
+def weight_gathers_over_tensor(colls: Sequence[hlo.Collective], config: LlamaConfig,
+                               mesh_shape: Dict[str, int]) -> List[Tuple[str, hlo.Collective]]:
+    """All-gathers over a mesh-axis set that includes `tensor` whose result is a whole weight matrix along its
+    tensor-split dimension (one layer's slice, possibly still split over fsdp): what tensor parallelism must
+    never do. Returns [(parameter path, collective)]."""
+    from llama_jax.model import logical_axes, param_shapes
+    from llama_jax.sharding import DEFAULT_RULES
+
+    if mesh_shape.get("tensor", 1) == 1:
+        return []
+    rules, fsdp = dict(DEFAULT_RULES), mesh_shape.get("fsdp", 1)
+    candidates = []  # (name, sorted dims > 1)
+    shapes, axes = param_shapes(config), logical_axes(config)
+    for (path, leaf), (_, names) in zip(jax.tree_util.tree_flatten_with_path(shapes)[0],
+                                         jax.tree_util.tree_flatten_with_path(axes, is_leaf=lambda x: isinstance(
+                                             x, jax.sharding.PartitionSpec))[0]):
+        dims, names = list(leaf.shape), list(names)
+        if not any(rules.get(n) == "tensor" for n in names if n) or len(dims) < 2:
+            continue
+        if names[0] == "layers":
+            dims, names = dims[1:], names[1:]
+        split = [d // fsdp if rules.get(n) == "fsdp" and d % fsdp == 0 else d for d, n in zip(dims, names)]
+        name = "/".join(str(getattr(k, "key", k)) for k in path)
+        for variant in {tuple(dims), tuple(split)}:
+            candidates.append((name, tuple(sorted(d for d in variant if d > 1))))
+    out = []
+    for c in colls:
+        if c.kind != "all-gather" or "tensor" not in c.axes:
+            continue
+        got = [tuple(sorted(d for d in dims if d > 1)) for _, dims in hlo.array_shapes(c.shape)]
+        for name, dims in candidates:
+            if dims in got:
+                out.append((name, c))
+                break
+    return out
 
 # ------------------------------------------------------------------------------------------ training
 @dataclasses.dataclass

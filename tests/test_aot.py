@@ -1,0 +1,92 @@
+"""Ahead-of-time compilation for TPU slices (libtpu's compiler, no TPU): the real train step of a small config
+compiled for v5e:2x2 — memory, FLOPs and collectives checked against what the config and mesh imply."""
+
+import math
+
+import pytest
+
+pytest.importorskip("libtpu", reason="needs the TPU compiler wheel (requirements-test.txt: libtpu)")
+
+from llama_jax import aot, flops, run_config  # noqa: E402
+from llama_jax.model import param_shapes  # noqa: E402
+
+TOPOLOGY = "v5e:2x2"
+# small preset (vocab 2048, D 256, 4 layers), bf16 compute over f32 master weights, full remat;
+# 16 sequences of 128 over fsdp=2 x tensor=2.
+OVERRIDES = ["model.preset=small", "model.dtype=bfloat16", "model.remat=full", "batch_size=16", "seq_len=128",
+             "mesh.data=1", "mesh.fsdp=2", "mesh.tensor=2"]
+
+
+@pytest.fixture(scope="module")
+def report():
+    return aot.compile_train(run_config.build("", OVERRIDES), TOPOLOGY, "test")
+
+
+def test_compiles_for_the_slice(report):
+    assert report.topology.chips == 4 and len(report.topology.devices) == 4
+    assert report.mesh_shape == {"data": 1, "fsdp": 2, "tensor": 2}
+    assert report.fits and report.topology.hbm_bytes == 16 * 2**30
+    text = aot.format_train(report)
+    assert "FITS" in text and "all-gather" in text
+
+
+def test_memory_matches_the_analytic_estimate(report):
+    """Per-device bytes (without the program's code) within 10% of params + optimizer state + inputs + the
+    largest activations: the scan's saved block inputs (full remat keeps only those) plus one layer's
+    gathered bf16 weights. Donation matters here: without it the updated state would count twice."""
+    cfg, c = report.config, report.compiled
+    b = report.batch_size // (report.mesh_shape["data"] * report.mesh_shape["fsdp"])  # rows per device
+    residuals = cfg.num_layers * b * report.seq_len * cfg.hidden_size * 2  # bf16 [L, b, T, D]
+    layer = (flops.matmul_params(cfg) - cfg.hidden_size * cfg.vocab_size) // cfg.num_layers
+    gathered = layer // report.mesh_shape["tensor"] * 2
+    n_params = sum(math.prod(s.shape) for s in __import__("jax").tree.leaves(param_shapes(cfg)))
+    assert c.inputs["params"] == pytest.approx(4 * n_params / 4, rel=0.01)  # f32, split over 4 devices
+    assert c.inputs["opt_state"] == pytest.approx(2 * c.inputs["params"], rel=0.01)  # Adam mu + nu
+    estimate = c.inputs["params"] + c.inputs["opt_state"] + c.inputs["batch"] + residuals + gathered
+    measured = c.total - c.code
+    assert c.alias >= c.inputs["params"] + c.inputs["opt_state"]  # the state is donated
+    assert measured == pytest.approx(estimate, rel=0.10), (measured, estimate)
+
+
+def test_flops_match_xla_cost_analysis(report):
+    """XLA's count (a while body once: one layer) within 5% of the analytic count of that program; the
+    analytic count is the MFU one (flops.train_flops_per_token) plus what the hardware also does."""
+    xla, expected = report.xla_check
+    assert xla == pytest.approx(expected, rel=0.05)
+    cfg, t = report.config, report.seq_len
+    one = cfg.replace(num_layers=1, remat="none")
+    masked_half = 6 * one.num_heads * one.head_dim * t  # the causal mask hides half of a computed QK^T/PV
+    assert aot.hardware_flops_per_token(one, t) == pytest.approx(flops.train_flops_per_token(one, t) + masked_half)
+    assert report.flops_per_step == pytest.approx(flops.train_flops_per_token(cfg, t) * 16 * 128)
+
+
+def test_collectives_follow_the_mesh(report):
+    """FSDP gathers the weights and reduces the gradients along fsdp; tensor parallelism reduces activations
+    along tensor and never gathers a whole matmul weight."""
+    cfg, c = report.config, report.compiled
+    by = {(k, a): nbytes for k, a, _, nbytes in __import__("llama_jax").hlo.summarize(c.collectives)}
+    layer_bf16 = (flops.matmul_params(cfg) - cfg.hidden_size * cfg.vocab_size) // 2 * 2  # / tensor, x 2 bytes
+    assert by.get(("all-gather", ("fsdp",)), 0) >= layer_bf16  # every layer's weights, at least once
+    assert ("reduce-scatter", ("fsdp",)) in by  # gradients scattered back to their fsdp shards
+    grad_reduced = by.get(("reduce-scatter", ("fsdp",)), 0) + by.get(("all-reduce", ("fsdp",)), 0)
+    assert grad_reduced >= layer_bf16  # every weight's gradient is reduced over fsdp
+    assert by.get(("all-reduce", ("tensor",)), 0) > 0  # row-parallel outputs (o, down) summed over tensor
+    assert not any(k == "all-gather" and "data" in a for k, a in by)  # data=1: nothing on a size-1 axis
+    gathers = aot.weight_gathers_over_tensor(c.collectives, cfg, report.mesh_shape)
+    # The detector is live: it sees the embedding *lookup* gather its vocab-split table (docs/TPU.md).
+    assert "embed/embedding" in {name for name, _ in gathers}
+    bad = [(name, col.shape) for name, col in gathers if name != "embed/embedding"]
+    assert not bad, bad
+
+
+def test_bad_topology_and_mesh_are_clear_errors():
+    with pytest.raises(aot.AotError, match=r"unknown TPU topology 'v9x:2x2'.*v5e:2x2"):
+        aot.get_topology("v9x:2x2")
+    with pytest.raises(aot.AotError, match=r"not available.*v5e:2x4"):
+        aot.get_topology("v5e:3x3")
+    topo = aot.get_topology("v5e:2x4")
+    with pytest.raises(aot.AotError, match=r"divisors of 8: \[1, 2, 4, 8\]"):
+        aot.topology_mesh(topo, data=1, fsdp=3, tensor=1)
+    with pytest.raises(aot.AotError, match=r"product must be 8"):
+        aot.topology_mesh(topo, data=2, fsdp=2, tensor=1)
+    assert dict(aot.topology_mesh(topo, 1, -1, 2).shape) == {"data": 1, "fsdp": 4, "tensor": 2}
