@@ -31,6 +31,9 @@ def main(argv=None):
     parser.add_argument("--num_processes", type=int, default=None, help="multi-host: number of processes")
     parser.add_argument("--process_id", type=int, default=None, help="multi-host: this process's index")
     parser.add_argument("--no_progress", action="store_true", help="no progress bar (logs only)")
+    parser.add_argument("--aot", default="", metavar="TOPOLOGY",
+                        help="only compile the train step for a TPU slice, e.g. v5p:4x4x4 (no TPU needed; needs "
+                             "libtpu), print per-chip memory, FLOPs and collectives; exit 1 if it does not fit")
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. steps=100 mesh.fsdp=8")
     args = parser.parse_args(argv)
 
@@ -39,6 +42,9 @@ def main(argv=None):
         cfg = run_config.build(args.config, args.overrides)
     except run_config.RunConfigError as e:
         sys.exit(f"error: {e}")
+    if args.aot:
+        from llama_jax import aot
+        sys.exit(aot.train_cli(cfg, args.aot, args.config))
 
     _init_distributed(args)
 

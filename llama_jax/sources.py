@@ -158,6 +158,9 @@ class MetaSource(Source):
 
         self.directory = directory
         params_path = os.path.join(directory, "params.json")
+        if not os.path.isfile(params_path):
+            raise ConversionError(f"{params_path}: file not found (a Meta checkpoint needs params.json next to "
+                                  "its consolidated.NN.pth files)")
         paths = sorted(glob.glob(os.path.join(directory, "consolidated.*.pth")))
         if not paths:
             raise ConversionError(f"{directory}: no consolidated.NN.pth files next to params.json")
@@ -171,8 +174,12 @@ class MetaSource(Source):
         first = self._shards[0]
         if "tok_embeddings.weight" not in first:
             raise ConversionError(f"{paths[0]}: has no tensor 'tok_embeddings.weight'")
-        with open(params_path) as fh:
-            params = json.load(fh)
+        try:
+            with open(params_path) as fh:
+                params = json.load(fh)
+        except json.JSONDecodeError as e:
+            raise ConversionError(f"{params_path}: not valid JSON ({e})") from None
+        # Llama 2's params.json says vocab_size -1: the embedding's rows are the vocabulary.
         vocab = None if int(params.get("vocab_size", -1) or -1) > 0 else int(first["tok_embeddings.weight"].shape[0])
         self.config = LlamaConfig.from_meta(params_path, vocab_size=vocab)
         self._meta_name: Dict[str, Tuple[str, Optional[int]]] = {}
@@ -236,7 +243,7 @@ def is_hf_dir(path: str) -> bool:
 
 
 def is_meta_dir(path: str) -> bool:
-    return os.path.isfile(os.path.join(path, "params.json"))
+    return os.path.isfile(os.path.join(path, "params.json")) or bool(glob.glob(os.path.join(path, "consolidated.*.pth")))
 
 
 def open_source(path: str) -> Source:
@@ -247,7 +254,7 @@ def open_source(path: str) -> Source:
     try:
         if os.path.isfile(os.path.join(path, "config.json")):
             source: Source = HFSource(path)
-        elif os.path.isfile(os.path.join(path, "params.json")):
+        elif is_meta_dir(path):
             source = MetaSource(path)
         else:
             raise ConversionError(f"{path}: neither a Hugging Face checkpoint (no config.json) nor a Meta one "
