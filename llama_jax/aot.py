@@ -371,3 +371,166 @@ def format_train(r: TrainReport) -> str:
               f"  XLA cost analysis (layer loop counted once): {xla:.3e} vs analytic {expected:.3e} for one layer "
               f"and one micro-batch ({100 * (xla / expected - 1):+.1f}%)"]
     return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------ sampling
+@dataclasses.dataclass
+class SampleReport:
+    """Prefill of `prompt` tokens and one decode step, batch `batch`, KV cache of `context` slots."""
+
+    model: str
+    topology: Topology
+    mesh_shape: Dict[str, int]
+    batch: int
+    prompt: int
+    context: int
+    int8: bool
+    prefill: Compiled
+    decode: Compiled
+
+    @property
+    def fits(self) -> bool:
+        return max(self.prefill.total, self.decode.total) <= self.topology.hbm_bytes
+
+
+def compile_sample(name: str, topology: str, *, batch: int = 1, context: int = 8192, prompt: int = 0,
+                   int8: bool = False, tensor: int = -1) -> SampleReport:
+    """Compile the sampler's two model calls (llama_jax.sampling._generate): the prefill of a `prompt`-token
+    batch into an empty `context`-slot KV cache, and one decode step, with bf16 (or int8) weights split over
+    a (1, 1, tensor) mesh, the cache split over batch and KV heads, and the cache donated."""
+    from llama_jax import quantize
+    from llama_jax.model import Llama, init_cache, param_shapes
+    from llama_jax.sharding import MeshError, logical_to_spec, param_shardings, use_mesh
+    from jax.sharding import NamedSharding
+
+    topo = get_topology(topology)
+    try:
+        config = LlamaConfig.from_preset(name, dtype="bfloat16", param_dtype="bfloat16")
+    except Exception as e:
+        raise AotError(f"--checkpoint-config {name!r}: {e}") from None
+    n = len(topo.devices)
+    tensor = n if tensor == -1 else tensor
+    mesh = topology_mesh(topo, 1, -1, tensor)
+    prompt = prompt or context // 2
+    try:
+        shardings = param_shardings(config, mesh)
+    except MeshError as e:
+        raise AotError(f"{name} does not fit mesh {dict(mesh.shape)}: {e}") from None
+    params = abstract(param_shapes(config), shardings)
+    if int8:
+        shapes = jax.eval_shape(lambda p: quantize.quantize_params(p), param_shapes(config))
+        params = abstract(shapes, quantize.quantized_shardings(shardings))
+    cache_shape = jax.eval_shape(lambda: init_cache(config, batch, context))
+    cache_spec = logical_to_spec(("layers", "cache_batch", "cache_length", "kv_heads", "head_dim"),
+                                 cache_shape["k"].shape, mesh)
+    cache_sharding = NamedSharding(mesh, cache_spec)
+    cache = abstract(cache_shape, {"k": cache_sharding, "v": cache_sharding})
+    rows = NamedSharding(mesh, logical_to_spec(("batch", "length"), (batch, 1), mesh))
+    model = Llama(config)
+
+    def prefill(params, tokens, lengths, cache):  # tokens [B, P] left-padded, lengths [B]
+        plen = tokens.shape[1]
+        pad = plen - lengths
+        positions = jnp.maximum(jnp.arange(plen)[None, :] - pad[:, None], 0)
+        kv_mask = jnp.arange(context)[None, :] >= pad[:, None]
+        return model.apply({"params": params}, tokens, positions=positions, cache=cache, cache_index=0,
+                           kv_mask=kv_mask, logits_at=jnp.full((tokens.shape[0],), plen - 1))
+
+    def decode(params, token, lengths, cache, step):  # token [B], one new token per row
+        kv_mask = jnp.arange(context)[None, :] >= (prompt - lengths)[:, None]
+        return model.apply({"params": params}, token[:, None], positions=(lengths + step - 1)[:, None],
+                           cache=cache, cache_index=prompt + step - 1, kv_mask=kv_mask)
+
+    tokens = jax.ShapeDtypeStruct((batch, prompt), jnp.int32, sharding=rows)
+    lengths = jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=NamedSharding(mesh, jax.sharding.PartitionSpec(*rows.spec[:1])))
+    step = jax.ShapeDtypeStruct((), jnp.int32, sharding=NamedSharding(mesh, jax.sharding.PartitionSpec()))
+    out = (NamedSharding(mesh, logical_to_spec(("batch", "length", "act_vocab"), (batch, 1, config.vocab_size),
+                                               mesh)), {"k": cache_sharding, "v": cache_sharding})
+
+    class InMesh:  # lower inside the mesh context, as sampling does (the model's logical constraints)
+        def __init__(self, fn, donate):
+            self.fn = jax.jit(fn, out_shardings=out, donate_argnums=donate)
+
+        def lower(self, *args):
+            with use_mesh(mesh):
+                return self.fn.lower(*args)
+
+    inputs = {"params": device_bytes(params), "kv_cache": device_bytes(cache)}
+    pre = compile_and_analyze("prefill", InMesh(prefill, (3,)), (params, tokens, lengths, cache), inputs, mesh)
+    dec = compile_and_analyze("decode", InMesh(decode, (3,)),
+                              (params, jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=lengths.sharding),
+                               lengths, cache, step), inputs, mesh)
+    return SampleReport(name, topo, dict(mesh.shape), batch, prompt, context, int8, pre, dec)
+
+
+def format_sample(r: SampleReport) -> str:
+    lines = [f"AOT sampling: {r.model}{' int8' if r.int8 else ' bf16'} on {r.topology.name} ({r.topology.chips} chips), "
+             f"mesh {r.mesh_shape}, batch {r.batch}, prompt {r.prompt}, KV cache {r.context} slots"]
+    for c in (r.prefill, r.decode):
+        lines.append(f" {c.name}:")
+        lines += format_compiled(c, r.topology.hbm_bytes)[:3]
+        lines.append(f"    XLA FLOPs per device (layer loop once): {c.xla_flops:.3e}")
+    return "\n".join(lines)
+
+
+def sample_cli(name: str, topology: str, **kw) -> int:
+    """`sample.py --aot TOPOLOGY`: exit status 0 if prefill and decode fit, 1 if not, 2 on bad input."""
+    cpu_host()
+    try:
+        report = compile_sample(name, topology, **kw)
+    except AotError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(format_sample(report))
+    return 0 if report.fits else 1
+
+
+# ------------------------------------------------------------------------------------------ command line
+def cpu_host():
+    """Compile-only runs need no accelerator: keep jax on the CPU (skips libtpu's TPU probe and its lock)."""
+    if not os.environ.get("JAX_PLATFORMS"):
+        jax.config.update("jax_platforms", "cpu")
+
+
+def train_cli(run_config, topology: str, recipe: str = "") -> int:
+    """`train.py --aot TOPOLOGY`: print the report; exit status 0 if it fits, 1 if not, 2 on bad input."""
+    cpu_host()
+    try:
+        report = compile_train(run_config, topology, recipe)
+    except AotError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(format_train(report))
+    return 0 if report.fits else 1
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description="Compile train/sample steps for a TPU slice without a TPU.")
+    sub = parser.add_subparsers(dest="what", required=True)
+    t = sub.add_parser("train", help="the train step of a recipe")
+    t.add_argument("--config", default="", help="a recipe file, e.g. configs/llama3.1-8b.py")
+    t.add_argument("--topology", required=True, help=f"e.g. v5p:4x4x4 ({valid_topologies()})")
+    t.add_argument("overrides", nargs="*", help="key=value overrides, e.g. mesh.tensor=4")
+    s = sub.add_parser("sample", help="prefill + one decode step")
+    s.add_argument("--checkpoint-config", required=True, help="a preset name, e.g. llama3.1-8b")
+    s.add_argument("--topology", required=True)
+    s.add_argument("--batch", type=int, default=1)
+    s.add_argument("--context", type=int, default=8192, help="KV cache length (prompt + new tokens)")
+    s.add_argument("--prompt", type=int, default=0, help="prefill length (default: context / 2)")
+    s.add_argument("--int8", action="store_true", help="int8 weights (llama_jax.quantize)")
+    s.add_argument("--tensor", type=int, default=-1, help="tensor-parallel size (default: all devices)")
+    args = parser.parse_args(argv)
+    if args.what == "train":
+        from llama_jax import run_config
+        try:
+            cfg = run_config.build(args.config, args.overrides)
+        except run_config.RunConfigError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        return train_cli(cfg, args.topology, args.config)
+    return sample_cli(args.checkpoint_config, args.topology, batch=args.batch, context=args.context,
+                      prompt=args.prompt, int8=args.int8, tensor=args.tensor)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
