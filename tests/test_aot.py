@@ -90,3 +90,22 @@ def test_bad_topology_and_mesh_are_clear_errors():
     with pytest.raises(aot.AotError, match=r"product must be 8"):
         aot.topology_mesh(topo, data=2, fsdp=2, tensor=1)
     assert dict(aot.topology_mesh(topo, 1, -1, 2).shape) == {"data": 1, "fsdp": 4, "tensor": 2}
+
+
+def test_sampling_prefill_and_decode_compile_with_int8_and_cache():
+    """Prefill + one decode step of the small preset on a 2x2 slice, weights int8 and split over tensor=4:
+    the KV cache and the weights are where the config says, and the donated cache is not counted twice."""
+    from llama_jax import LlamaConfig
+
+    r = aot.compile_sample("small", "v5e:2x2", batch=4, context=256, prompt=64, int8=True)
+    cfg = LlamaConfig.from_preset("small")
+    assert r.mesh_shape == {"data": 1, "fsdp": 1, "tensor": 4} and r.fits
+    cache = 2 * cfg.num_layers * 4 * 256 * cfg.num_kv_heads * cfg.head_dim * 2  # k and v, bf16
+    assert r.decode.inputs["kv_cache"] == cache // 4  # KV heads split over tensor
+    int8_weights = flops.matmul_params(cfg)  # layers + lm_head, 1 byte each
+    bf16_embedding = cfg.vocab_size * cfg.hidden_size * 2  # a gather, not a matmul: stays bf16
+    assert r.decode.inputs["params"] == pytest.approx((int8_weights + bf16_embedding) / 4, rel=0.1)
+    for c in (r.prefill, r.decode):
+        assert c.alias >= r.decode.inputs["kv_cache"]  # cache updated in place
+        assert c.total - c.code < 1.5 * (c.inputs["params"] + c.inputs["kv_cache"]) + 2**20
+    assert r.prefill.xla_flops > 10 * r.decode.xla_flops  # 64 prompt tokens vs 1
