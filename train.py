@@ -9,32 +9,19 @@ import argparse
 import sys
 
 
-def _init_distributed(args):
-    """jax.distributed for multi-host runs (flags, or automatic on TPU pods): llama_jax.distributed's."""
-    try:
-        from llama_jax import distributed
-    except ImportError:  # not there yet: plain jax.distributed when flags are given
-        if args.coordinator_address:
-            import jax
-            jax.distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)
-        return
-    distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                      epilog="keys: workdir, steps, batch_size, seq_len, checkpoint_every, init_from, "
                                             "seed, mesh.{data,fsdp,tensor}, optim.lr, lora.rank, model.preset, "
                                             "data.path, ... (see llama_jax/run_config.py)")
     parser.add_argument("--config", default="", help="a recipe file, e.g. configs/llama3.1-8b.py")
-    parser.add_argument("--coordinator_address", default=None, help="multi-host: host:port of process 0")
-    parser.add_argument("--num_processes", type=int, default=None, help="multi-host: number of processes")
-    parser.add_argument("--process_id", type=int, default=None, help="multi-host: this process's index")
     parser.add_argument("--no_progress", action="store_true", help="no progress bar (logs only)")
     parser.add_argument("--aot", default="", metavar="TOPOLOGY",
                         help="only compile the train step for a TPU slice, e.g. v5p:4x4x4 (no TPU needed; needs "
                              "libtpu), print per-chip memory, FLOPs and collectives; exit 1 if it does not fit")
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. steps=100 mesh.fsdp=8")
+    from llama_jax import distributed
+    distributed.add_flags(parser)
     args = parser.parse_args(argv)
 
     from llama_jax import run_config
@@ -46,7 +33,7 @@ def main(argv=None):
         from llama_jax import aot
         sys.exit(aot.train_cli(cfg, args.aot, args.config))
 
-    _init_distributed(args)
+    distributed.initialize_from_args(args)
 
     from llama_jax import trainer
     from llama_jax.run_checkpoint import CheckpointError

@@ -24,9 +24,9 @@ _SKIP_DIRS = {"site-packages", "dist-packages", "test", "tests", "idlelib", "lib
               "__pycache__", "encodings", "pydoc_data", "config-3", "tkinter"}
 
 
-def default_cache_dir() -> str:
-    """Where the built-in corpus lives: $LLAMA_JAX_CACHE, else ~/.cache/llama_jax."""
-    root = os.environ.get("LLAMA_JAX_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "llama_jax")
+def default_cache_dir(root: str | None = None) -> str:
+    """Where the built-in corpus lives: under `root`, else $LLAMA_JAX_CACHE, else ~/.cache/llama_jax."""
+    root = root or os.environ.get("LLAMA_JAX_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "llama_jax")
     return os.path.join(root, f"{CORPUS_VERSION}-py{sys.version_info[0]}{sys.version_info[1]}")
 
 

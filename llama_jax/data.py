@@ -12,10 +12,10 @@ inputs are the first T, targets the last T. Each row carries segment ids (1, 2, 
 and positions that restart at 0 in every document piece, so attention never crosses documents. A target
 in another document than its input (EOS -> next BOS) and, for chat data, a prompt token, gets loss_mask 0.
 
-Order: one grain MapDataset, shuffled by the seed (a new order every epoch), batched to the per-process
-batch; process p of P takes batches p, p+P, p+2P, ... so global step s is the P consecutive local batches
-s*P ... s*P+P-1 whatever P is, and one process of 8 devices sees the same global batches as two of 4.
-The iterator's state (grain `get_state`) is one index, saved with each checkpoint.
+Order: a grain MapDataset of sequences, shuffled by the seed (a new order every epoch); global batch s is
+sequences s*B .. s*B+B-1 of that order, and each process reads only its own rows of it (the rows its
+devices hold), so one process of 8 devices sees the same global batches as two of 4. The iterator's state
+(grain `get_state`: the next step) is saved with each checkpoint.
 """
 
 from __future__ import annotations
@@ -37,37 +37,16 @@ class DataError(ValueError):
 
 
 # ---------------------------------------------------------------------------------------------- tokenizer
-class _SentencePieceTokenizer:
-    """Minimal SentencePiece wrapper with the project's tokenizer interface (encode/decode/bos/eos/vocab)."""
-
-    def __init__(self, path: str):
-        import sentencepiece as spm
-        self.path = path
-        self.sp = spm.SentencePieceProcessor(model_file=path)
-        self.vocab_size = self.sp.get_piece_size()
-        self.bos_id, self.eos_id = self.sp.bos_id(), self.sp.eos_id()
-
-    def encode(self, text: str, *, bos: bool = True, eos: bool = False):
-        return ([self.bos_id] if bos else []) + list(self.sp.encode(text)) + ([self.eos_id] if eos else [])
-
-    def decode(self, ids) -> str:
-        return self.sp.decode([int(i) for i in ids])
-
-
 def load_text_tokenizer(path: str):
     """A tokenizer from a `tokenizer.model` file or a checkpoint directory (via `llama_jax.load_tokenizer`
     when the package has it; a plain SentencePiece file otherwise)."""
     if not os.path.exists(path):
         raise DataError(f"{path}: tokenizer not found (expected a tokenizer.model file or a checkpoint directory)")
-    if os.path.isdir(path):
-        try:
-            from llama_jax import load_tokenizer  # the sampling engineer's tokenizer module, when present
-            return load_tokenizer(path)
-        except ImportError:
-            path = os.path.join(path, "tokenizer.model")
-            if not os.path.isfile(path):
-                raise DataError(f"{os.path.dirname(path)}: no tokenizer.model in this directory") from None
-    return _SentencePieceTokenizer(path)
+    from llama_jax.tokenizer import TokenizerError, load_tokenizer
+    try:
+        return load_tokenizer(path)
+    except TokenizerError as e:
+        raise DataError(str(e)) from None
 
 
 def _bos(tok) -> Optional[int]:
@@ -80,12 +59,57 @@ def _eos(tok) -> int:
 
 
 def encode_record(record: Mapping[str, Any], tokenizer, where: str = "record"):
-    """One input record -> (tokens, loss mask) as int lists: BOS ... EOS.
+    """One input record -> (tokens, loss mask) as int lists.
 
-    {"text": ...} trains on every token. Chat records train only on the answers: {"prompt", "completion"}
-    or {"messages": [{"role": "system"|"user"|"assistant", "content": ...}, ...]}, rendered as
-    "role: content" turns, each answer ending in EOS.
+    {"text": ...} -> BOS text EOS, every token trained. Chat records train only on the assistant's replies:
+    {"prompt", "completion"} (one user turn and its answer) or {"messages": [{"role", "content"}, ...]}.
+    They are rendered with the tokenizer's own chat format (`encode_chat`: Llama 2 [INST], Llama 3 headers
+    or the checkpoint's template); a reply's tokens are those between the prompt that asks for it and the
+    conversation that includes it, end-of-turn token included. Tokenizers without `encode_chat` fall back
+    to plain "role: content" turns.
     """
+    if "text" in record:
+        toks = tokenizer.encode(str(record["text"]), bos=True, eos=True)
+        return toks, [0] + [1] * (len(toks) - 1)
+    if "prompt" in record and "completion" in record:
+        messages = [{"role": "user", "content": str(record["prompt"])},
+                    {"role": "assistant", "content": str(record["completion"])}]
+    elif "messages" in record:
+        messages = record["messages"]
+        for i, m in enumerate(messages):
+            if not isinstance(m, Mapping) or "role" not in m or "content" not in m:
+                raise DataError(f"{where}: messages[{i}] must be an object with 'role' and 'content'")
+    else:
+        raise DataError(f"{where}: expected a 'text', 'prompt'+'completion' or 'messages' field, found "
+                        f"{sorted(record)}")
+    if not any(m["role"] == "assistant" for m in messages):
+        raise DataError(f"{where}: a chat record needs at least one assistant message to train on")
+    if hasattr(tokenizer, "encode_chat"):
+        return _encode_chat(messages, tokenizer, where)
+    return _encode_plain_chat(messages, tokenizer)
+
+
+def _encode_chat(messages, tokenizer, where):
+    try:
+        full = tokenizer.encode_chat(messages, add_generation_prompt=False)
+        mask = [0] * len(full)
+        for i, m in enumerate(messages):
+            if m["role"] != "assistant":
+                continue
+            prompt = tokenizer.encode_chat(messages[:i], add_generation_prompt=True)
+            upto = tokenizer.encode_chat(messages[:i + 1], add_generation_prompt=False)
+            if full[:len(upto)] != upto or upto[:len(prompt)] != prompt:
+                raise DataError(f"{where}: the chat format does not render turn by turn (a prefix of the "
+                                "conversation renders differently), so prompt tokens cannot be masked")
+            mask[len(prompt):len(upto)] = [1] * (len(upto) - len(prompt))
+    except DataError:
+        raise
+    except ValueError as e:
+        raise DataError(f"{where}: {e}") from None
+    return full, mask
+
+
+def _encode_plain_chat(messages, tokenizer):
     bos, eos = _bos(tokenizer), _eos(tokenizer)
     toks, mask = ([bos], [0]) if bos is not None else ([], [])
 
@@ -94,23 +118,12 @@ def encode_record(record: Mapping[str, Any], tokenizer, where: str = "record"):
         toks.extend(ids)
         mask.extend([int(train)] * len(ids))
 
-    if "text" in record:
-        add(str(record["text"]), True, end=True)
-    elif "prompt" in record and "completion" in record:
-        add(f"user: {record['prompt']}\nassistant: ", False)
-        add(str(record["completion"]), True, end=True)
-    elif "messages" in record:
-        for i, m in enumerate(record["messages"]):
-            if not isinstance(m, Mapping) or "role" not in m or "content" not in m:
-                raise DataError(f"{where}: messages[{i}] must be an object with 'role' and 'content'")
-            if m["role"] == "assistant":
-                add("assistant: ", False)
-                add(str(m["content"]), True, end=True)
-            else:
-                add(f"{m['role']}: {m['content']}\n", False)
-    else:
-        raise DataError(f"{where}: expected a 'text', 'prompt'+'completion' or 'messages' field, found "
-                        f"{sorted(record)}")
+    for m in messages:
+        if m["role"] == "assistant":
+            add("assistant: ", False)
+            add(str(m["content"]), True, end=True)
+        else:
+            add(f"{m['role']}: {m['content']}\n", False)
     return toks, mask
 
 
@@ -217,24 +230,29 @@ class PackedSequences:
         }
 
 
-def local_batch_size(global_batch: int, process_count: int) -> int:
-    if global_batch % process_count:
-        raise DataError(f"batch_size={global_batch} is not divisible by the {process_count} processes")
-    return global_batch // process_count
+def make_dataset(path: str, split: str, seq_len: int, global_batch: int, seed: int, rows=None,
+                 shuffle: bool = True):
+    """grain MapDataset: element s = this process's rows of global batch s, a dict of [len(rows), T] arrays.
 
-
-def make_dataset(path: str, split: str, seq_len: int, global_batch: int, seed: int, process_index: int = 0,
-                 process_count: int = 1, shuffle: bool = True):
-    """grain MapDataset of this process's local batches (dicts of [B_local, T] arrays), endless when
-    shuffled (a new order each epoch) and one pass in file order when not (evaluation)."""
+    Global batch s is sequences s*B .. s*B+B-1 of the sequence order (shuffled by `seed`, a new order every
+    epoch, endless; or file order, one pass, when not `shuffle`, for evaluation). `rows` are the rows of the
+    global batch this process feeds (`distributed.process_batch_rows`; default all B): a process reads only
+    those sequences, and the global batch is the same whatever the number of processes.
+    """
     import grain
 
-    src = PackedSequences(path, split, seq_len)
-    ds = grain.MapDataset.source(src)
-    if shuffle:
-        ds = ds.shuffle(seed=seed).repeat(None)
-    ds = ds.batch(local_batch_size(global_batch, process_count), drop_remainder=True)
-    return ds[process_index::process_count]
+    src = grain.MapDataset.source(PackedSequences(path, split, seq_len))
+    seqs = src.shuffle(seed=seed).repeat(None) if shuffle else src
+    rows = np.arange(global_batch) if rows is None else np.asarray(rows, np.int64)
+    if len(rows) == 0 or rows.min() < 0 or rows.max() >= global_batch:
+        raise DataError(f"rows {rows.tolist()} are not rows of a batch of {global_batch}")
+    steps = sys.maxsize // global_batch if shuffle else len(src) // global_batch
+
+    def load(step: int) -> Dict[str, np.ndarray]:
+        items = [seqs[step * global_batch + int(r)] for r in rows]
+        return {k: np.stack([it[k] for it in items]) for k in items[0]}
+
+    return grain.MapDataset.range(steps).map(load)
 
 
 def make_iterator(dataset, state: Optional[dict] = None, threads: int = 2, prefetch: int = 4):

@@ -62,7 +62,7 @@ class MetricsLogger:
     def log(self, step: int, values: Dict[str, float]) -> None:
         if not self.enabled:
             return
-        clean = {k: (float(v) if isinstance(v, (int, float)) or hasattr(v, "item") else v) for k, v in values.items()}
+        clean = {k: (float(v) if not isinstance(v, (bool, str)) else v) for k, v in values.items()}
         rec = {"step": int(step), **{k: (v if not (isinstance(v, float) and not math.isfinite(v)) else str(v))
                                      for k, v in clean.items()}}
         self.file.write(json.dumps(rec) + "\n")

@@ -19,9 +19,9 @@ from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from llama_jax import data as data_lib
+from llama_jax import distributed
 from llama_jax import flops as flops_lib
 from llama_jax import lora as lora_lib
 from llama_jax import train_step as ts
@@ -29,7 +29,7 @@ from llama_jax.config import LlamaConfig
 from llama_jax.metrics import MetricsLogger
 from llama_jax.run_checkpoint import RunCheckpointer, abstract_like
 from llama_jax.run_config import RunConfig
-from llama_jax.sharding import DEFAULT_RULES, MeshError, batch_sharding, make_mesh, param_shardings
+from llama_jax.sharding import MeshError, make_mesh, param_shardings
 
 
 class TrainError(RuntimeError):
@@ -105,16 +105,19 @@ def resolve(cfg: RunConfig, log=print) -> Setup:
 
 
 def _init_config(path: str) -> LlamaConfig:
-    """The model config of an init_from checkpoint, read without loading weights when possible."""
-    if not os.path.exists(path):
-        raise TrainError(f"init_from={path!r}: not found (expected a llama_jax checkpoint or a Hugging Face / "
-                         "Meta directory)")
-    for name in ("config.json",):
-        if os.path.isfile(os.path.join(path, name)):
-            return LlamaConfig.from_hf(os.path.join(path, name))
-    import llama_jax
-    config, _ = llama_jax.load(path)  # the checkpoint module knows its own metadata format
-    return config
+    """The model config of an init_from checkpoint, read from its metadata (no weights are loaded)."""
+    from llama_jax import checkpoint, sources
+
+    if not os.path.isdir(path):
+        raise TrainError(f"init_from={path!r}: not found (expected a llama_jax checkpoint, a training workdir, or "
+                         "a Hugging Face / Meta directory)")
+    for candidate in (path, os.path.join(path, "export")):
+        if checkpoint.is_checkpoint(candidate):
+            return checkpoint.read_metadata(candidate)[1]
+    try:
+        return sources.open_source(path).config
+    except Exception as e:  # noqa: BLE001 - any unreadable source is the user's path problem
+        raise TrainError(f"init_from={path!r}: cannot read its model config: {e}") from None
 
 
 # ------------------------------------------------------------------------------------------- state
@@ -149,15 +152,6 @@ class Model:
         return init_sharded_params(setup.model, setup.mesh, jax.random.PRNGKey(setup.cfg.seed))
 
 
-def _put_batch(batch: dict, sharding, global_batch: int) -> dict:
-    """This process's rows -> global jax.Arrays split over the batch axes."""
-    out = {}
-    for k, v in batch.items():
-        shape = (global_batch,) + v.shape[1:]
-        out[k] = jax.make_array_from_process_local_data(sharding, np.asarray(v), shape)
-    return out
-
-
 # ------------------------------------------------------------------------------------------- loop
 @dataclasses.dataclass
 class Result:
@@ -166,6 +160,7 @@ class Result:
     workdir: str
     export_dir: Optional[str]
     stopped_early: bool = False
+    state: Any = None  # the final TrainState
 
 
 def train(cfg: RunConfig, progress: bool = True, export: bool = True, sample: bool = True) -> Result:
@@ -205,22 +200,22 @@ def train(cfg: RunConfig, progress: bool = True, export: bool = True, sample: bo
                   if model.lora else model.base_params(setup))
         state = ts.init_train_state(params, optimizer, model.state_shardings, frozen=frozen)
 
-    pidx, pcount = jax.process_index(), jax.process_count()
+    pcount = jax.process_count()
+    rows = distributed.process_batch_rows(mesh, cfg.batch_size)
     train_ds = data_lib.make_dataset(setup.data_path, cfg.data.train_split, cfg.seq_len, cfg.batch_size, cfg.seed,
-                                     pidx, pcount)
+                                     rows)
     it = data_lib.make_iterator(train_ds, data_state, cfg.data.threads, cfg.data.prefetch)
     step_fn = ts.make_train_step(config, optimizer, mesh, shardings=model.state_shardings, schedule=schedule,
                                  accum_steps=cfg.grad_accum, combine=model.combine)
     eval_fn = ts.make_eval_step(config, mesh, params_shardings=model.shardings, combine=model.combine,
                                 frozen_shardings=model.state_shardings.frozen) if cfg.eval_every else None
-    data_sharding = batch_sharding(mesh, DEFAULT_RULES)
 
     flops_per_token = flops_lib.train_flops_per_token(config, cfg.seq_len)
     peak = cfg.peak_flops or flops_lib.peak_flops(jax.devices()[0].device_kind) or 0.0
     tokens_per_step = cfg.batch_size * cfg.seq_len
     if main:
         os.makedirs(cfg.workdir, exist_ok=True)
-        with open(os.path.join(cfg.workdir, "config.json"), "w") as f:
+        with open(os.path.join(cfg.workdir, "run_config.json"), "w") as f:
             json.dump(saved_config, f, indent=1)
         n_train = sum(math.prod(s.shape) for s in jax.tree.leaves(model.shapes))
         say(f"model {config.name or 'custom'}: {config.num_params() / 1e6:.1f}M params ({n_train / 1e6:.2f}M "
@@ -239,13 +234,13 @@ def train(cfg: RunConfig, progress: bool = True, export: bool = True, sample: bo
     t_last, step_last, stopped = time.perf_counter(), start, False
     try:
         for step in range(start, cfg.steps):
-            batch = _put_batch(next(it), data_sharding, cfg.batch_size)
+            batch = distributed.global_batch(next(it), mesh, cfg.batch_size)
             state, m = step_fn(state, batch)
             done = step + 1
             metrics.advance(done)
             is_ckpt = done % cfg.checkpoint_every == 0 or done == cfg.steps or stop["sigterm"]
             if done % cfg.log_every == 0 or is_ckpt:
-                m = jax.device_get(m)
+                m = {k: distributed.to_host(v) for k, v in m.items()}
                 loss = float(m["loss"])
                 if not (math.isfinite(loss) and math.isfinite(float(m["grad_norm"]))):
                     raise TrainError(f"loss is {loss} (grad norm {float(m['grad_norm'])}) at step {done}: stopping. "
@@ -263,7 +258,7 @@ def train(cfg: RunConfig, progress: bool = True, export: bool = True, sample: bo
                 losses.append((done, loss))
                 metrics.log(done, row)
             if eval_fn is not None and (done % cfg.eval_every == 0 or done == cfg.steps):
-                eval_loss = evaluate(eval_fn, state, setup, data_sharding)
+                eval_loss = evaluate(eval_fn, state, setup, rows)
                 metrics.log(done, {"eval_loss": eval_loss})
                 t_last = time.perf_counter()  # eval time is not step time
             if is_ckpt:
@@ -283,20 +278,21 @@ def train(cfg: RunConfig, progress: bool = True, export: bool = True, sample: bo
     if export and not stopped:
         params = state.params if not model.lora else lora_lib.merge(state.frozen, state.params, cfg.lora.alpha)
         export_dir = export_params(cfg.workdir, config, params, setup.tokenizer_path)
-        if sample and cfg.sample_tokens and main and setup.tokenizer_path:
-            say("sample: " + greedy_sample(config, params, setup.tokenizer_path, cfg.sample_prompt,
-                                            cfg.sample_tokens))
-    return Result(int(state.step), losses, cfg.workdir, export_dir, stopped)
+        if sample and cfg.sample_tokens and pcount == 1 and setup.tokenizer_path:
+            say("sample (greedy): " + greedy_sample(config, params, setup.tokenizer_path, cfg.sample_prompt,
+                                                     cfg.sample_tokens, mesh))
+    return Result(int(state.step), losses, cfg.workdir, export_dir, stopped, state)
 
 
-def evaluate(eval_fn, state, setup: Setup, data_sharding) -> float:
-    """Token-weighted mean loss over the first eval_batches batches of the held-out split."""
+def evaluate(eval_fn, state, setup: Setup, rows) -> float:
+    """Token-weighted mean loss over the first eval_batches batches of the held-out split (file order)."""
     cfg = setup.cfg
-    ds = data_lib.make_dataset(setup.data_path, cfg.data.eval_split, cfg.seq_len, cfg.batch_size, cfg.seed,
-                               jax.process_index(), jax.process_count(), shuffle=False)
+    ds = data_lib.make_dataset(setup.data_path, cfg.data.eval_split, cfg.seq_len, cfg.batch_size, cfg.seed, rows,
+                               shuffle=False)
     total, weight = 0.0, 0.0
     for i in range(min(cfg.eval_batches, len(ds))):
-        m = jax.device_get(eval_fn(state.params, state.frozen, _put_batch(ds[i], data_sharding, cfg.batch_size)))
+        batch = distributed.global_batch(ds[i], setup.mesh, cfg.batch_size)
+        m = {k: distributed.to_host(v) for k, v in eval_fn(state.params, state.frozen, batch).items()}
         total += float(m["loss"]) * float(m["tokens"])
         weight += float(m["tokens"])
     return total / max(weight, 1.0)
@@ -327,21 +323,12 @@ def export_params(workdir: str, config: LlamaConfig, params, tokenizer_path: Opt
     return out
 
 
-def greedy_sample(config: LlamaConfig, params, tokenizer_path: str, prompt: str, n: int) -> str:
-    """A short greedy continuation of `prompt` (the full forward pass at each step: tiny models only)."""
-    from llama_jax.model import Llama
+def greedy_sample(config: LlamaConfig, params, tokenizer_path: str, prompt: str, n: int, mesh=None) -> str:
+    """A short greedy continuation of `prompt` with the compiled sampler (llama_jax.sampling)."""
+    from llama_jax.sampling import generate_ids
 
     tok = data_lib.load_text_tokenizer(tokenizer_path)
     ids = tok.encode(prompt, bos=True)
-    total = min(len(ids) + n, config.max_position_embeddings)
-    buf = np.zeros((1, total), np.int32)
-    buf[0, :len(ids)] = ids
-    params = jax.device_get(params)
-    fwd = jax.jit(lambda p, t, i: Llama(config).apply({"params": p}, t, logits_at=i)[:, 0])
-    for pos in range(len(ids), total):
-        nxt = int(jnp.argmax(fwd(params, buf, jnp.array([pos - 1]))[0]))
-        buf[0, pos] = nxt
-        if nxt in config.eos_token_id:
-            total = pos
-            break
-    return tok.decode(buf[0, 1:total].tolist())
+    n = max(0, min(n, config.max_position_embeddings - len(ids)))
+    out = generate_ids(params, config, [ids], max_new_tokens=n, stop_ids=tuple(config.eos_token_id), mesh=mesh)
+    return prompt + tok.decode(out[0])
