@@ -1,0 +1,99 @@
+"""Sample a Llama: `python sample.py [--checkpoint DIR] [--prompt TEXT] [--chat] [...]`.
+
+With no arguments it samples runs/default, the checkpoint `python train.py` writes. DIR may be a llama_jax
+checkpoint, a training workdir, or a Hugging Face / Meta model directory. One prompt streams its tokens as
+they come; --prompts-file FILE (one prompt per line) samples them as one batch. See README "Sampling".
+"""
+
+import argparse
+import os
+import sys
+
+DEFAULT_CHECKPOINT = os.path.join("runs", "default")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--checkpoint", default=None, help=f"checkpoint directory (default: {DEFAULT_CHECKPOINT})")
+    p.add_argument("--prompt", default=None, help="text to continue (or, with --chat, the user's message)")
+    p.add_argument("--prompts-file", default=None, help="a file of prompts, one per line, sampled as a batch")
+    p.add_argument("--chat", action="store_true", help="wrap each prompt in the checkpoint's chat format")
+    p.add_argument("--system", default=None, help="system prompt for --chat")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=None, help="keep the k most likely tokens (default: off)")
+    p.add_argument("--top-p", type=float, default=0.95, help="nucleus probability (1 = off)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--int8", action="store_true", help="int8 weight-only matmul weights (about half of bf16)")
+    p.add_argument("--dtype", default=None, help="cast the weights and compute, e.g. bfloat16 (default: as stored)")
+    p.add_argument("--tensor", type=int, default=1, help="split weights and KV cache over this many devices")
+    return p.parse_args(argv)
+
+
+def read_prompts(args):
+    if args.prompts_file:
+        with open(args.prompts_file, encoding="utf-8") as f:
+            prompts = [line.rstrip("\n") for line in f if line.strip()]
+        if not prompts:
+            raise ValueError(f"{args.prompts_file}: no prompts in it (one prompt per non-empty line)")
+        return prompts
+    if args.prompt is not None:
+        return [args.prompt]
+    return ["Hello!" if args.chat else "The"]
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    checkpoint = args.checkpoint or DEFAULT_CHECKPOINT
+    if not os.path.isdir(checkpoint):
+        if args.checkpoint is None:
+            print(f"error: no checkpoint at {DEFAULT_CHECKPOINT}: run `python train.py` first (or pass "
+                  "--checkpoint DIR)", file=sys.stderr)
+        else:
+            print(f"error: checkpoint directory {checkpoint!r} does not exist", file=sys.stderr)
+        return 2
+    try:
+        prompts = read_prompts(args)
+        from llama_jax import Sampler
+
+        mesh = None
+        if args.tensor > 1:
+            import jax
+
+            from llama_jax.sharding import make_mesh
+
+            if args.tensor > len(jax.devices()):
+                raise ValueError(f"--tensor {args.tensor}: only {len(jax.devices())} devices")
+            mesh = make_mesh(1, 1, args.tensor, devices=jax.devices()[:args.tensor])
+        sampler = Sampler.load(checkpoint, mesh=mesh, int8=args.int8, dtype=args.dtype)
+        knobs = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                     top_p=args.top_p, seed=args.seed)
+        if args.chat:
+            system = [{"role": "system", "content": args.system}] if args.system else []
+            conversations = [system + [{"role": "user", "content": p}] for p in prompts]
+            if len(prompts) == 1:
+                sampler.chat(conversations[0], stream=_write, **knobs)
+                print()
+            else:
+                for p, reply in zip(prompts, sampler.chat(conversations, **knobs)):
+                    print(f"### {p}\n{reply}\n")
+        elif len(prompts) == 1:
+            _write(prompts[0])
+            sampler.generate(prompts[0], stream=_write, **knobs)
+            print()
+        else:
+            for p, completion in zip(prompts, sampler.generate(prompts, **knobs)):
+                print(f"### {p}{completion}\n")
+    except (ValueError, OSError) as e:  # our errors name the file / value; no traceback from inside jax
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _write(text: str) -> None:
+    sys.stdout.write(text)
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
