@@ -10,10 +10,26 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 from typing import Dict, Optional
 
 # Shown on the progress bar (the rest goes to the files only), with their formats.
 _BAR = (("loss", "{:.3f}"), ("tok/s", "{:.0f}"), ("mfu", "{:.1%}"), ("eval_loss", "{:.3f}"))
+
+
+def _summary_writer():
+    """tensorboardX's SummaryWriter, imported without torch: tensorboardX imports torch only to accept torch
+    tensors when it is installed, which costs seconds at every start of train.py. Blocking the import for
+    the moment makes tensorboardX take its own no-torch path (it catches the ImportError)."""
+    if "torch" in sys.modules:
+        from tensorboardX import SummaryWriter
+        return SummaryWriter
+    sys.modules["torch"] = None  # `import torch` now raises ImportError
+    try:
+        from tensorboardX import SummaryWriter
+    finally:
+        del sys.modules["torch"]
+    return SummaryWriter
 
 
 def truncate_jsonl(path: str, last_step: int) -> None:
@@ -52,8 +68,7 @@ class MetricsLogger:
         truncate_jsonl(self.path, start_step)
         self.file = open(self.path, "a")
         if tensorboard:
-            from tensorboardX import SummaryWriter
-            self.tb = SummaryWriter(os.path.join(workdir, "tensorboard"), purge_step=start_step + 1)
+            self.tb = _summary_writer()(os.path.join(workdir, "tensorboard"), purge_step=start_step + 1)
         if progress:
             from tqdm import tqdm
             self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True)
