@@ -222,8 +222,10 @@ def generate_ids(params, config: LlamaConfig, prompts: Sequence[Sequence[int]], 
         if bad:
             raise ValueError(f"generate: prompt {i} has token ids {bad[:5]} outside the model's vocabulary "
                              f"[0, {config.vocab_size})")
-    if max_new_tokens < 1:
-        raise ValueError(f"generate: max_new_tokens={max_new_tokens}; expected at least 1")
+    if max_new_tokens < 0:
+        raise ValueError(f"generate: max_new_tokens={max_new_tokens}; expected a non-negative number")
+    if max_new_tokens == 0:
+        return [[] for _ in prompts]
     # never run past the context: every row's positions must stay < max_position_embeddings
     max_new = min(int(max_new_tokens), config.max_position_embeddings - max(lengths))
 
