@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Optional, Sequence, Tuple
+from typing import Dict, Mapping, Optional, Sequence, Tuple
 
 import flax.linen as nn
 import jax
@@ -50,6 +50,26 @@ class MeshError(ValueError):
     """A mesh that does not fit the devices or the model."""
 
 
+def make_rules(overrides: Optional[Mapping[str, object]] = None, base=DEFAULT_RULES) -> Tuple[Tuple[str, object], ...]:
+    """The rules table `base` with some logical axes re-mapped, e.g. from a run config:
+    `make_rules({"embed": ("fsdp", "data"), "vocab": None})`. A value is a mesh axis name, a list/tuple of
+    them, or None (replicated)."""
+    table = dict(base)
+    for logical, target in (overrides or {}).items():
+        if logical not in table:
+            import difflib
+            close = difflib.get_close_matches(logical, table, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise MeshError(f"sharding rules: unknown logical axis {logical!r}{hint}; known: {sorted(table)}")
+        axes = () if target is None else ((target,) if isinstance(target, str) else tuple(target))
+        bad = [a for a in axes if a not in MESH_AXES]
+        if bad:
+            raise MeshError(f"sharding rules: {logical!r} -> {target!r} names unknown mesh axis {bad}; mesh axes "
+                            f"are {MESH_AXES}")
+        table[logical] = None if not axes else (axes[0] if len(axes) == 1 else axes)
+    return tuple(table.items())
+
+
 def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, devices: Optional[Sequence] = None) -> Mesh:
     """A (data, fsdp, tensor) mesh over `devices` (default: all devices of all processes); one size may be
     -1 to take what is left. Tensor is innermost so its collectives stay on the nearest devices."""
@@ -71,15 +91,21 @@ def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, devices: Optional[
     return Mesh(np.asarray(devices).reshape(sizes), MESH_AXES, axis_types=auto)
 
 
-def _resolve(logical: Optional[str], dim: int, mesh: Mesh, rules: dict, where: str):
+def _axis_sizes(mesh) -> Mapping[str, int]:
+    """{axis: size} of a Mesh (or of a plain mapping, to plan for a mesh of devices this host does not have)."""
+    return mesh.shape if hasattr(mesh, "shape") else dict(mesh)
+
+
+def _resolve(logical: Optional[str], dim: Optional[int], mesh, rules: dict, where: str):
     target = rules.get(logical) if logical is not None else None
     if target is None:
         return None
+    sizes = _axis_sizes(mesh)
     axes = (target,) if isinstance(target, str) else tuple(target)
-    axes = tuple(a for a in axes if mesh.shape.get(a, 1) > 1)
+    axes = tuple(a for a in axes if sizes.get(a, 1) > 1)
     if not axes:
         return None
-    size = math.prod(mesh.shape[a] for a in axes)
+    size = math.prod(sizes[a] for a in axes)
     if dim is not None and dim % size:
         if logical in REPLICATE_IF_INDIVISIBLE:
             return None
@@ -120,6 +146,46 @@ def param_shardings(config: LlamaConfig, mesh: Mesh, rules=DEFAULT_RULES) -> dic
         return NamedSharding(mesh, logical_to_spec(tuple(spec), shape_struct.shape, mesh, rules, name))
 
     return jax.tree_util.tree_map_with_path(one, shapes, axes)
+
+
+def param_specs(config: LlamaConfig, mesh, rules=DEFAULT_RULES) -> dict:
+    """PartitionSpec of every parameter; `mesh` may be a Mesh or just {axis: size} (to plan for a pod slice
+    from a laptop). Raises MeshError naming the parameter, dimension and axis when a mesh cannot split it."""
+    from llama_jax.model import logical_axes, param_shapes
+
+    def one(path, shape_struct, spec):
+        name = "/".join(str(getattr(k, "key", k)) for k in path)
+        return logical_to_spec(tuple(spec), shape_struct.shape, mesh, rules, name)
+
+    return jax.tree_util.tree_map_with_path(one, param_shapes(config), logical_axes(config))
+
+
+def param_bytes_per_device(config: LlamaConfig, mesh, rules=DEFAULT_RULES, dtype=None) -> int:
+    """Bytes of parameters each device holds on `mesh` (a Mesh or {axis: size}), in `dtype` (default
+    config.param_dtype): each leaf's bytes divided by the product of the mesh axes that split it."""
+    from llama_jax.model import param_shapes
+
+    sizes = _axis_sizes(mesh)
+    itemsize = jnp.dtype(dtype or config.param_dtype).itemsize
+    total = 0
+    for shape, spec in zip(jax.tree.leaves(param_shapes(config)),
+                           jax.tree.leaves(param_specs(config, mesh, rules),
+                                           is_leaf=lambda x: isinstance(x, PartitionSpec))):
+        split = 1
+        for entry in spec:
+            for axis in ((entry,) if isinstance(entry, str) else (entry or ())):
+                split *= sizes[axis]
+        total += math.prod(shape.shape) * itemsize // split
+    return total
+
+
+def device_bytes(tree) -> Dict[object, int]:
+    """Measured: {device: bytes of the tree's array shards stored on it} (this process's devices)."""
+    out: Dict[object, int] = {}
+    for leaf in jax.tree.leaves(tree):
+        for shard in leaf.addressable_shards:
+            out[shard.device] = out.get(shard.device, 0) + shard.data.nbytes
+    return out
 
 
 @contextlib.contextmanager

@@ -267,7 +267,7 @@ def make_train_step(config: LlamaConfig, optimizer: optax.GradientTransformation
         grads = jax.tree.map(lambda g, p: (g / denom).astype(p.dtype), grads, state.params)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        metrics = {"loss": ce_sum / denom, "grad_norm": optax.global_norm(grads), "tokens": weight_sum}
+        metrics = {"loss": ce_sum / denom, "grad_norm": optax.tree.norm(grads), "tokens": weight_sum}
         if schedule is not None:
             metrics["learning_rate"] = jnp.asarray(schedule(state.step), jnp.float32)
         new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state, frozen=state.frozen)
