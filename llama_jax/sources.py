@@ -357,16 +357,18 @@ def read_block(source: Source, leaf: Leaf, index: Tuple[slice, ...], dtype) -> n
     if leaf.stacked:
         layers = range(*index[0].indices(leaf.shape[0]))
         parts = [layout.hf_to_ours(leaf.entries[i], source.read(leaf.entries[i].hf_name), config)[index[1:]]
-                 for i in layers]
-        return np.stack([p.astype(dtype) for p in parts]) if parts else np.zeros((0,), dtype)
+                 .astype(dtype, copy=False) for i in layers]
+        if len(parts) == 1:  # the converter's case: one layer, no extra copy
+            return parts[0][None]
+        return np.stack(parts) if parts else np.zeros((0,) + leaf.shape[1:], dtype)
     entry = leaf.entries[0]
     if entry.kind == "embed":
         s, e, _ = index[0].indices(leaf.shape[0])
-        return source.read_rows(entry.hf_name, s, e)[:, index[1]].astype(dtype)
+        return source.read_rows(entry.hf_name, s, e)[:, index[1]].astype(dtype, copy=False)
     if entry.kind == "lm_head":  # ours [D, V] = HF [V, D].T: our columns are HF rows
         s, e, _ = index[1].indices(leaf.shape[1])
-        return source.read_rows(entry.hf_name, s, e).T[index[0]].astype(dtype)
-    return layout.hf_to_ours(entry, source.read(entry.hf_name), config)[index].astype(dtype)
+        return source.read_rows(entry.hf_name, s, e).T[index[0]].astype(dtype, copy=False)
+    return layout.hf_to_ours(entry, source.read(entry.hf_name), config)[index].astype(dtype, copy=False)
 
 
 def dtype_of(name: str) -> np.dtype:

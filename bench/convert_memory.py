@@ -1,0 +1,136 @@
+"""Conversion time and peak resident memory for synthetic Hugging Face checkpoints of growing size.
+
+    python bench/convert_memory.py [--sizes 0.25 1 4] [--workdir DIR]
+
+For each size, writes a random bfloat16 HF checkpoint (sharded safetensors + index, written tensor by tensor so
+this script never holds the model either), runs `python -m llama_jax.convert SRC DST` as a subprocess and
+reads that subprocess's own peak RSS from wait4(). A tiny conversion first gives the baseline (the Python,
+jax, Orbax and tensorstore imports); the point is that the increase over it stays flat as the checkpoint
+grows. Prints one JSON line per size, then a table. Spot-checks the last layer of the converted checkpoint
+against the source.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from llama_jax import layout  # noqa: E402
+from llama_jax.config import LlamaConfig  # noqa: E402
+from llama_jax.safetensors_io import SafetensorsWriter  # noqa: E402
+from llama_jax.sources import dtype_of  # noqa: E402
+
+# Llama-shaped layers of ~33.6 MB each in bfloat16; the size of the model grows with the number of layers.
+BASE = dict(vocab_size=16000, hidden_size=1024, intermediate_size=4096, num_heads=8, num_kv_heads=8,
+            max_position_embeddings=2048, param_dtype="bfloat16")
+SHARD_BYTES = 1 << 30
+
+
+def synthetic_config(target_bytes: int) -> LlamaConfig:
+    one = LlamaConfig(num_layers=1, **BASE)
+    per_layer = (LlamaConfig(num_layers=2, **BASE).num_params() - one.num_params()) * 2
+    fixed = one.num_params() * 2 - per_layer
+    return LlamaConfig(num_layers=max(1, round((target_bytes - fixed) / per_layer)), **BASE)
+
+
+def write_synthetic_hf(config: LlamaConfig, directory: str, seed: int = 0) -> int:
+    """A random HF checkpoint, one tensor in memory at a time. Returns the bytes of tensor data."""
+    os.makedirs(directory)
+    rng = np.random.default_rng(seed)
+    bf16 = dtype_of("bfloat16")
+    specs = [(e.hf_name, bf16, layout.hf_shape(e, config)) for e in layout.hf_entries(config)]
+    shards, size = [[]], 0
+    for spec in specs:
+        nbytes = 2 * int(np.prod(spec[2]))
+        if shards[-1] and size + nbytes > SHARD_BYTES:
+            shards.append([])
+            size = 0
+        shards[-1].append(spec)
+        size += nbytes
+    weight_map, total = {}, 0
+    for k, shard in enumerate(shards):
+        filename = f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
+        with SafetensorsWriter(os.path.join(directory, filename), shard) as w:
+            for name, dtype, shape in shard:
+                w.write(name, (0.02 * rng.standard_normal(shape, dtype=np.float32)).astype(dtype))
+                weight_map[name] = filename
+                total += 2 * int(np.prod(shape))
+    with open(os.path.join(directory, "model.safetensors.index.json"), "w") as f:
+        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f)
+    with open(os.path.join(directory, "config.json"), "w") as f:
+        json.dump(config.to_hf_dict(), f)
+    return total
+
+
+def convert_measured(src: str, dst: str):
+    """(seconds, peak RSS in MiB) of one conversion subprocess."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
+    start = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, "-m", "llama_jax.convert", src, dst, "--no-progress", "--force"],
+                            env=env, stderr=subprocess.PIPE, text=True)
+    _, status, usage = os.wait4(proc.pid, 0)
+    seconds = time.perf_counter() - start
+    err = proc.stderr.read()
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0:
+        raise RuntimeError(f"conversion of {src} failed ({proc.returncode}): {err[-2000:]}")
+    return seconds, usage.ru_maxrss / 1024  # Linux reports KiB
+
+
+def spot_check(config: LlamaConfig, src: str, dst: str) -> None:
+    from llama_jax.checkpoint import ParamsReader
+    from llama_jax.sources import HFSource
+
+    name = f"model.layers.{config.num_layers - 1}.mlp.down_proj.weight"
+    ours = ParamsReader(dst).read("layers.mlp.down", (config.num_layers - 1,))
+    np.testing.assert_array_equal(ours, HFSource(src).read(name).T)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sizes", type=float, nargs="+", default=[0.25, 1.0, 4.0], help="checkpoint sizes, GB")
+    parser.add_argument("--workdir", default=None, help="where to write checkpoints (default: a temp dir)")
+    args = parser.parse_args(argv)
+    work = tempfile.mkdtemp(prefix="convert_memory_", dir=args.workdir)
+    rows = []
+    try:
+        tiny = LlamaConfig.from_preset("tiny").replace(param_dtype="bfloat16")
+        write_synthetic_hf(tiny, os.path.join(work, "tiny_src"))
+        _, baseline = convert_measured(os.path.join(work, "tiny_src"), os.path.join(work, "tiny_dst"))
+        for gb in args.sizes:
+            config = synthetic_config(int(gb * 1e9))
+            src, dst = os.path.join(work, f"src_{gb}"), os.path.join(work, f"dst_{gb}")
+            nbytes = write_synthetic_hf(config, src)
+            seconds, peak = convert_measured(src, dst)
+            spot_check(config, src, dst)
+            row = {"bench": "convert_memory", "target_gb": gb, "checkpoint_gb": round(nbytes / 1e9, 3),
+                   "layers": config.num_layers, "seconds": round(seconds, 1), "peak_rss_mib": round(peak),
+                   "baseline_rss_mib": round(baseline), "peak_increase_mib": round(peak - baseline),
+                   "checkpoint_over_increase": round(nbytes / 2**20 / max(peak - baseline, 1), 1)}
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+            shutil.rmtree(src)
+            shutil.rmtree(dst)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    print(f"\n{'checkpoint GB':>13} {'layers':>6} {'seconds':>8} {'peak RSS MiB':>12} {'increase MiB':>12}")
+    for r in rows:
+        print(f"{r['checkpoint_gb']:>13} {r['layers']:>6} {r['seconds']:>8} {r['peak_rss_mib']:>12} "
+              f"{r['peak_increase_mib']:>12}")
+    print(f"(baseline: a {LlamaConfig.from_preset('tiny').num_params() * 2 / 1e6:.2f} MB conversion peaks at "
+          f"{rows[0]['baseline_rss_mib'] if rows else '?'} MiB: interpreter + jax + Orbax + tensorstore)")
+
+
+if __name__ == "__main__":
+    main()
