@@ -64,3 +64,31 @@ def test_two_processes_train_like_one(tmp_path):
     np.testing.assert_allclose(main["losses"], reference, rtol=1e-5)
     np.testing.assert_allclose(other["losses"], reference, rtol=1e-5)
     assert len(set(np.round(reference, 4))) > 1  # the steps really changed the model
+
+
+def test_initialize_flags_and_single_process_batches():
+    """Cheap checks that need no second process: flags, the single-process no-op, this process's rows."""
+    import argparse
+
+    import pytest
+
+    from llama_jax import distributed
+
+    args = distributed.add_flags(argparse.ArgumentParser()).parse_args(
+        ["--coordinator_address", "127.0.0.1:1234", "--num_processes", "2", "--process_id", "1"])
+    assert (args.coordinator_address, args.num_processes, args.process_id) == ("127.0.0.1:1234", 2, 1)
+    with pytest.raises(ValueError, match="give all of --coordinator_address"):
+        distributed.initialize("127.0.0.1:1234", None, 0)
+    with pytest.raises(ValueError, match="process_id=2 must be in"):
+        distributed.initialize("127.0.0.1:1234", 2, 2)
+    assert distributed.initialize() is False  # no flags, not a TPU pod: single process, nothing to do
+    assert distributed.is_main_process()
+
+    mesh = make_mesh(2, 2, 2)
+    assert distributed.process_batch_rows(mesh, 8).tolist() == list(range(8))
+    local = {"tokens": np.arange(8 * 3).reshape(8, 3)}
+    batch = distributed.global_batch(local, mesh, 8)
+    assert batch["tokens"].shape == (8, 3) and batch["tokens"].addressable_shards[0].data.shape == (2, 3)
+    np.testing.assert_array_equal(distributed.to_host(batch["tokens"]), local["tokens"])
+    with pytest.raises(ValueError, match="has 4 rows"):
+        distributed.global_batch({"tokens": local["tokens"][:4]}, mesh, 8)

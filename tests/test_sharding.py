@@ -248,3 +248,15 @@ def test_cross_mesh_restore(tmp_path, params0):
     _, single = load(directory)
     assert len(single["lm_head"].sharding.device_set) == 1
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(single), expected)
+
+
+def test_sharded_init_equals_unsharded_init(params0):
+    """Parameters initialised straight into their shardings (under jit) are the unsharded ones."""
+    from llama_jax.sharding import init_sharded_params
+
+    mesh = make_mesh(2, 2, 2)
+    params = init_sharded_params(CFG, mesh, jax.random.PRNGKey(0))
+    want = param_shardings(CFG, mesh)
+    jax.tree.map(lambda x, s: x.sharding.is_equivalent_to(s, x.ndim) or pytest.fail(f"{x.sharding} != {s}"),
+                 params, want)
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(params), params0)
