@@ -20,10 +20,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import glob
 import math
 import os
 import re
 import sys
+import tempfile
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import jax
@@ -38,6 +40,15 @@ GIB = 1024 ** 3
 
 class AotError(ValueError):
     """A topology, mesh or recipe that cannot be compiled; the message lists the valid choices."""
+
+
+class DoesNotFit(RuntimeError):
+    """The TPU compiler itself refused the program: its buffers exceed the chip's HBM. `inputs` holds the
+    per-device bytes of the named inputs, the message XLA's numbers."""
+
+    def __init__(self, name: str, inputs: Dict[str, int], message: str):
+        super().__init__(message)
+        self.name, self.inputs = name, inputs
 
 
 @dataclasses.dataclass(frozen=True)
@@ -165,6 +176,7 @@ class Compiled:
     xla_flops: float            # cost_analysis per device (while bodies counted once)
     collectives: List[hlo.Collective]
     compile_s: float
+    loops: List[Tuple[int, int, str]] = dataclasses.field(default_factory=list)  # hlo.while_loops
 
     @property
     def total(self) -> int:
@@ -178,15 +190,28 @@ def compile_and_analyze(name: str, fn, args: Sequence, inputs: Dict[str, int], m
 
     t0 = time.perf_counter()
     lowered = fn.lower(*args)
-    compiled = lowered.compile()
+    # The optimized HLO comes from XLA's own dump: compiled.as_text() re-parses a proto, which fails on some
+    # big TPU programs ("async-update instruction should have 1 operands").
+    with tempfile.TemporaryDirectory() as dump:
+        try:
+            compiled = lowered.compile(compiler_options={"xla_dump_to": dump, "xla_dump_hlo_as_text": True})
+        except Exception as e:  # XLA's compile-time HBM check: "RESOURCE_EXHAUSTED ... Ran out of memory"
+            if "RESOURCE_EXHAUSTED" not in str(e) and "out of memory" not in str(e).lower():
+                raise
+            raise DoesNotFit(name, inputs, str(e).split("\n")[0]) from None
+        files = glob.glob(os.path.join(dump, "*.after_optimizations.txt"))
+        if files:
+            with open(max(files, key=os.path.getsize)) as f:
+                text = f.read()
+        else:
+            text = compiled.as_text()
     seconds = time.perf_counter() - t0
     mem = compiled.memory_analysis()
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    colls = hlo.collectives(compiled.as_text(), dict(mesh.shape))
     return Compiled(name, inputs, mem.argument_size_in_bytes, mem.output_size_in_bytes, mem.alias_size_in_bytes,
                     mem.temp_size_in_bytes, mem.generated_code_size_in_bytes, float(cost.get("flops", 0.0)),
-                    colls, seconds)
+                    hlo.collectives(text, dict(mesh.shape)), seconds, hlo.while_loops(text))
 
 
 def hardware_flops_per_token(config: LlamaConfig, seq_len: int, train: bool = True) -> float:
@@ -359,6 +384,13 @@ def format_compiled(c: Compiled, hbm: int) -> List[str]:
             "  collectives (from the compiled HLO):"] + format_collectives(c.collectives)
 
 
+def format_does_not_fit(e: DoesNotFit, what: str, topology: str) -> str:
+    parts = ", ".join(f"{k} {_gib(v)}" for k, v in e.inputs.items())
+    return (f"AOT {e.name}: {what} on {topology} DOES NOT FIT: the TPU compiler ran out of HBM.\n"
+            f"  per device: {parts}\n  XLA: {e}\n  try: more grad_accum (fewer sequences per micro-batch), "
+            "model.remat=full, a larger mesh.tensor, or a bigger slice")
+
+
 def format_train(r: TrainReport) -> str:
     xla, expected = r.xla_check
     lines = [f"AOT train step: {r.recipe or r.config.name} ({r.config.name}, {r.config.num_params() / 1e9:.2f}B params, "
@@ -368,8 +400,13 @@ def format_train(r: TrainReport) -> str:
     lines += format_compiled(r.compiled, r.topology.hbm_bytes)
     lines += [f"  FLOPs per step (analytic, for MFU): {r.flops_per_step:.3e}; at 40% MFU a step takes "
               f"{r.step_time(0.4):.2f}s ({r.batch_size * r.seq_len / r.step_time(0.4):,.0f} tokens/s)",
-              f"  XLA cost analysis (layer loop counted once): {xla:.3e} vs analytic {expected:.3e} for one layer "
+              f"  XLA cost analysis (each loop body once): {xla:.3e} vs analytic {expected:.3e} for one layer "
               f"and one micro-batch ({100 * (xla / expected - 1):+.1f}%)"]
+    own = [t for t, _, op in r.compiled.loops if "while" not in op.split("/")[-1] and t > 1]
+    trips = sorted({t for t, _, _ in r.compiled.loops if t > 1})
+    lines.append(f"  while loops (trip counts): {trips or 'none'}" + (
+        f"; {len(own)} made by XLA itself (windowed matmuls), whose bodies cost analysis also counts once: "
+        "the comparison above then undercounts" if own else ""))
     return "\n".join(lines)
 
 
@@ -481,6 +518,9 @@ def sample_cli(name: str, topology: str, **kw) -> int:
     except AotError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except DoesNotFit as e:
+        print(format_does_not_fit(e, name, topology))
+        return 1
     print(format_sample(report))
     return 0 if report.fits else 1
 
@@ -500,6 +540,9 @@ def train_cli(run_config, topology: str, recipe: str = "") -> int:
     except AotError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except DoesNotFit as e:
+        print(format_does_not_fit(e, recipe or "train step", topology))
+        return 1
     print(format_train(report))
     return 0 if report.fits else 1
 

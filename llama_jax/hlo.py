@@ -218,6 +218,25 @@ def collectives(text: str, mesh_shape: Dict[str, int]) -> List[Collective]:
     return out
 
 
+def while_loops(text: str) -> List[Tuple[int, int, str]]:
+    """[(trip count, executions of the loop per program run, jax op name)] of every while loop: the layer
+    scans and the gradient-accumulation scan, and loops XLA makes itself (e.g. windowed einsums that overlap
+    a matmul with the collective-permutes of its operand). XLA's cost analysis counts each body once."""
+    comps, order, entry = _computations(text)
+    mult = _multipliers(comps, order, entry)
+    out = []
+    for name in order:
+        for line in comps[name]:
+            m = _INSTR.match(line)
+            if not m or m.group(3) != "while":
+                continue
+            calls = dict(_CALLS.findall(line))
+            op_name = re.search(r'op_name="([^"]*)"', line)
+            out.append((_trip_count(line, comps.get(calls.get("condition"), [])), max(mult.get(name, 1), 1),
+                        op_name.group(1) if op_name else ""))
+    return out
+
+
 def summarize(colls: Sequence[Collective]) -> List[Tuple[str, Tuple[str, ...], int, int]]:
     """[(kind, axes, executions per step, bytes per step per device)], largest first."""
     acc = defaultdict(lambda: [0, 0])
