@@ -78,8 +78,9 @@ def main(argv=None) -> int:
                 for p, reply in zip(prompts, sampler.chat(conversations, **knobs)):
                     print(f"### {p}\n{reply}\n")
         elif len(prompts) == 1:
-            _write(prompts[0])
-            sampler.generate(prompts[0], stream=_write, **knobs)
+            echo = _Echo(prompts[0])  # the prompt is printed with the first token, after the input checks
+            sampler.generate(prompts[0], stream=echo, **knobs)
+            echo("")
             print()
         else:
             for p, completion in zip(prompts, sampler.generate(prompts, **knobs)):
@@ -93,6 +94,16 @@ def main(argv=None) -> int:
 def _write(text: str) -> None:
     sys.stdout.write(text)
     sys.stdout.flush()
+
+
+class _Echo:
+    def __init__(self, prompt: str):
+        self.prompt = prompt
+
+    def __call__(self, text: str) -> None:
+        if self.prompt is not None:
+            text, self.prompt = self.prompt + text, None
+        _write(text)
 
 
 if __name__ == "__main__":

@@ -202,7 +202,6 @@ def test_sampler_api(tiny_hf_dir):
     assert len(texts) == 2 and all(isinstance(t, str) for t in texts)
     ids = [sampler.encode("the quick fox"), sampler.encode("a cat")]
     assert [sampler.tokenizer.decode(o) for o in sampler.generate_ids(ids, 8, temperature=0)] == texts
-    assert sampler.generate("a cat", max_new_tokens=8, temperature=0) == texts[1]
     pieces = []
     streamed = sampler.generate("the quick fox", max_new_tokens=8, temperature=0, stream=pieces.append)
     assert "".join(pieces) == streamed == texts[0] and len(pieces) > 1
