@@ -5,7 +5,7 @@ Legend: B batch, P padded prompt length, S cache length, V vocab, N output buffe
 
 Shapes are bucketed (batch, prompt and cache lengths to powers of two, then multiples of 512) so a new prompt
 length or `max_new_tokens` reuses a compiled program; `max_new_tokens` itself and the sampling values
-(temperature, top-p) are traced, so changing them never recompiles either. Strategies are small frozen
+(temperature, top-k, top-p) are traced, so changing them never recompiles either. Strategies are small frozen
 dataclasses registered as pytrees: `Greedy()`, or `Sample((Temperature(0.8), TopK(40), TopP(0.95)))` — any
 chain of filters on the logits followed by a draw from the softmax.
 """

@@ -4,7 +4,6 @@ transformers' apply_chat_template. Every tokenizer here is trained by the test o
 import base64
 import io
 import json
-import os
 import random
 
 import pytest
