@@ -10,7 +10,10 @@ and `global_batch` assembles the global, sharded `jax.Array`s from them without 
 from __future__ import annotations
 
 import argparse
+import glob
 import os
+import re
+import warnings
 from typing import Mapping, Optional
 
 import jax
@@ -22,6 +25,7 @@ from llama_jax.sharding import DEFAULT_RULES, batch_sharding
 # Environment variables that mean "this is one host of a TPU pod slice": jax.distributed finds the
 # coordinator and this host's id from the TPU metadata on its own.
 _TPU_POD_ENV = ("TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS", "TPU_PROCESS_ADDRESSES")
+_GOOGLE_PCI_VENDOR = "0x1ae0"
 
 
 def add_flags(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -34,9 +38,28 @@ def add_flags(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return parser
 
 
+def _tpu_chips_attached() -> bool:
+    """True when Google TPU chips sit on this host's PCI bus (a Cloud TPU VM), without starting jax."""
+    for vendor in glob.glob("/sys/bus/pci/devices/*/vendor"):
+        try:
+            with open(vendor) as f:
+                if f.read().strip() == _GOOGLE_PCI_VENDOR:
+                    return True
+        except OSError:
+            continue
+    return False
+
+
 def _on_tpu_pod() -> bool:
-    hosts = os.environ.get("TPU_WORKER_HOSTNAMES", "")
-    return "," in hosts or any(os.environ.get(k) for k in _TPU_POD_ENV[1:])
+    """A host of a TPU slice: GKE / multislice set the worker list in the environment; a Cloud TPU VM has the
+    chips on its PCI bus (jax then reads the slice's workers from the VM metadata). CPU-only runs say so."""
+    if os.environ.get("JAX_PLATFORMS", "").strip().lower() == "cpu":
+        return False
+    # libtpu may leave a warning sentence in TPU_WORKER_HOSTNAMES when it cannot reach the metadata server:
+    # only a list of several host names counts.
+    hosts = [h.strip() for h in os.environ.get("TPU_WORKER_HOSTNAMES", "").split(",") if h.strip()]
+    several_hosts = len(hosts) > 1 and all(re.fullmatch(r"[A-Za-z0-9_.:-]+", h) for h in hosts)
+    return several_hosts or any(os.environ.get(k) for k in _TPU_POD_ENV[1:]) or _tpu_chips_attached()
 
 
 def initialize(coordinator_address: Optional[str] = None, num_processes: Optional[int] = None,
@@ -65,7 +88,12 @@ def initialize(coordinator_address: Optional[str] = None, num_processes: Optiona
                                    process_id=process_id, initialization_timeout=timeout_s)
         return True
     if _on_tpu_pod():
-        jax.distributed.initialize()
+        try:
+            jax.distributed.initialize(initialization_timeout=timeout_s)
+        except (RuntimeError, ValueError) as e:  # a single TPU VM outside any slice: nothing to join
+            warnings.warn(f"multi-host: TPU found but jax.distributed could not discover a slice ({e}); "
+                          "running as a single process")
+            return False
         return jax.process_count() > 1
     return False
 
