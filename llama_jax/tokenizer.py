@@ -52,6 +52,7 @@ class Tokenizer:
     vocab_size: int
     chat_template: Optional[str] = None
     template_tokens: Dict[str, str] = {}
+    extra_stop_ids: Tuple[int, ...] = ()  # e.g. generation_config.json's eos_token_id list
 
     def _encode_text(self, text: str) -> List[int]:
         raise NotImplementedError
@@ -94,7 +95,7 @@ class Tokenizer:
     @property
     def stop_ids(self) -> Tuple[int, ...]:
         """Tokens that end a generation: EOS, and for Llama 3 also end-of-turn and end-of-message."""
-        stops = [self.eos_id] if self.eos_id is not None else []
+        stops = ([self.eos_id] if self.eos_id is not None else []) + list(self.extra_stop_ids)
         for name in ("<|eot_id|>", "<|eom_id|>", "<|end_of_text|>", "</s>"):
             tid = self.token_id(name)
             if tid is not None:
@@ -266,6 +267,23 @@ def read_tiktoken_ranks(path: str) -> Dict[bytes, int]:
     return ranks
 
 
+def _tiktoken_chunks(text: str, max_chars: int = 400_000, max_run: int = 25_000):
+    """Cut very long text as Meta's reference does before tiktoken (whose regex engine can overflow on huge
+    inputs): pieces of at most `max_chars`, and no run of only-space or only-non-space characters longer than
+    `max_run` in one piece. Ordinary text passes through whole."""
+    if len(text) <= max_run:
+        yield text
+        return
+    long_run = re.compile(r"\s{%d,}|\S{%d,}" % (max_run + 1, max_run + 1))
+    for start in range(0, len(text), max_chars):
+        piece, begin = text[start:start + max_chars], 0
+        for m in long_run.finditer(piece):
+            for cut in range(m.start() + max_run, m.end(), max_run):
+                yield piece[begin:cut]
+                begin = cut
+        yield piece[begin:]
+
+
 class TiktokenTokenizer(Tokenizer):
     """Llama 3.x: BPE over bytes with Meta's split pattern; special tokens numbered after the ranks."""
 
@@ -287,10 +305,11 @@ class TiktokenTokenizer(Tokenizer):
 
     def _encode_text(self, text: str) -> List[int]:
         # Special-token strings in plain text stay plain text (disallowed_special=() stops tiktoken raising).
-        return self.enc.encode(text, allowed_special=set(), disallowed_special=())
+        return [i for chunk in _tiktoken_chunks(text)
+                for i in self.enc.encode(chunk, allowed_special=set(), disallowed_special=())]
 
     def _encode_with_specials(self, text: str) -> List[int]:
-        return self.enc.encode(text, allowed_special="all")
+        return [i for chunk in _tiktoken_chunks(text) for i in self.enc.encode(chunk, allowed_special="all")]
 
     def decode(self, ids: Sequence[int]) -> str:
         ids = [int(i) for i in ids if 0 <= int(i) < self._specials["<|begin_of_text|>"]]
@@ -382,6 +401,11 @@ def load_tokenizer(path: str) -> Tokenizer:
     else:
         tok = SentencePieceTokenizer(file)
     template = tc.get("chat_template")
+    if template is None and os.path.isfile(os.path.join(directory, "chat_template.jinja")):  # newer transformers
+        with open(os.path.join(directory, "chat_template.jinja"), encoding="utf-8") as f:
+            template = f.read()
+    if template is None:
+        template = _read_json(os.path.join(directory, "chat_template.json")).get("chat_template")
     if isinstance(template, list):  # a list of named templates: take the default one
         template = next((t.get("template") for t in template if t.get("name") == "default"), None)
     if isinstance(template, str) and template:
@@ -394,4 +418,7 @@ def load_tokenizer(path: str) -> Tokenizer:
             if tokens.get(key) is None and tid is not None:
                 tokens[key] = tok.token_str(tid)
         tok.template_tokens = tokens
+    eos = _read_json(os.path.join(directory, "generation_config.json")).get("eos_token_id")
+    eos = [eos] if isinstance(eos, int) else eos if isinstance(eos, list) else []
+    tok.extra_stop_ids = tuple(int(e) for e in eos if isinstance(e, int) and 0 <= e < tok.vocab_size)
     return tok

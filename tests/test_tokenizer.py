@@ -198,3 +198,22 @@ def test_bad_paths_are_clear(tmp_path):
     (tmp_path / "tokenizer.model").write_bytes(b"\x00\x01garbage")
     with pytest.raises(TokenizerError, match="SentencePiece"):
         load_tokenizer(tmp_path)
+
+
+def test_checkpoint_files_add_template_and_stop_ids(bpe_dir, tmp_path):
+    """transformers >= 4.43 writes chat_template.jinja; Llama 3.1 instruct lists its stops in generation_config."""
+    import shutil
+
+    d, n = bpe_dir
+    shutil.copy(d / "tokenizer.json", tmp_path / "tokenizer.json")
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<|begin_of_text|>",
+                                                                "eos_token": "<|eot_id|>"}))
+    (tmp_path / "chat_template.jinja").write_text(LLAMA3_TEMPLATE)
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [n + 1, n + 8, n + 9]}))
+    tok = load_tokenizer(tmp_path)
+    assert tok.chat_format == "template" and tok.eos_id == n + 9
+    assert set(tok.stop_ids) == {n + 1, n + 8, n + 9}
+    ref = load_tokenizer(d / "tokenizer.model")  # the built-in Llama 3 format gives the same prompt
+    assert tok.encode_chat(CHAT) == ref.encode_chat(CHAT)
+    long = "ab " * 20 + "x" * 30000 + " " * 30000 + "end"  # runs longer than tiktoken's safe length
+    assert ref.decode(ref.encode(long, bos=False)) == long
