@@ -71,6 +71,11 @@ class RunCheckpointer:
         ocp = self._ocp
         return self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
 
+    def reached_preemption(self, step: int) -> bool:
+        """Multi-host: True on every process once any of them got the preemption notice (SIGTERM on TPU VMs),
+        at the same step (Orbax's sync point through the jax.distributed coordination service)."""
+        return bool(self.manager.reached_preemption(step))
+
     def wait(self) -> None:
         """Block until the background writes are done."""
         self.manager.wait_until_finished()

@@ -68,14 +68,14 @@ class RunConfig:
     workdir: str = "runs/default"
     init_from: str = ""           # a llama_jax checkpoint or a Hugging Face / Meta directory
     seed: int = 0
-    steps: int = 300
+    steps: int = 200
     batch_size: int = 16          # global, in sequences
     seq_len: int = 128
     grad_accum: int = 1           # micro-batches per step (batch_size must divide by it)
     checkpoint_every: int = 100
     keep_checkpoints: int = 3
     log_every: int = 1
-    eval_every: int = 100         # 0 disables periodic evaluation
+    eval_every: int = 50          # 0 disables periodic evaluation
     eval_batches: int = 4
     peak_flops: float = 0.0       # per device, for MFU; 0: look the device kind up in llama_jax.flops
     sample_tokens: int = 48       # length of the sample printed at the end (0: none)

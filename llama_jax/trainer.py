@@ -62,7 +62,8 @@ def resolve(cfg: RunConfig, log=print) -> Setup:
     from llama_jax import corpus
 
     if cfg.init_from:
-        model = _init_config(cfg.init_from).replace(dtype=cfg.model.dtype, remat=cfg.model.remat)
+        model = _init_config(cfg.init_from).replace(dtype=cfg.model.dtype, param_dtype=cfg.model.param_dtype,
+                                                    remat=cfg.model.remat)
     else:
         model = model_config(cfg)
     if cfg.data.path:
@@ -144,9 +145,7 @@ class Model:
         """The model weights to start from: init_from's checkpoint, or a seeded random init."""
         if setup.cfg.init_from:
             import llama_jax
-            _, params = llama_jax.load(setup.cfg.init_from, mesh=setup.mesh)
-            params = jax.tree.map(lambda p, s: jax.device_put(p.astype(setup.model.param_dtype), s),
-                                  params, self.base_shardings)
+            _, params = llama_jax.load(setup.cfg.init_from, dtype=setup.model.param_dtype, mesh=setup.mesh)
             return params
         from llama_jax.sharding import init_sharded_params
         return init_sharded_params(setup.model, setup.mesh, jax.random.PRNGKey(setup.cfg.seed))
@@ -238,6 +237,8 @@ def train(cfg: RunConfig, progress: bool = True, export: bool = True, sample: bo
             state, m = step_fn(state, batch)
             done = step + 1
             metrics.advance(done)
+            if pcount > 1 and ckpt.reached_preemption(done):  # TPU pod preemption, agreed by all hosts
+                stop["sigterm"] = True
             is_ckpt = done % cfg.checkpoint_every == 0 or done == cfg.steps or stop["sigterm"]
             if done % cfg.log_every == 0 or is_ckpt:
                 m = {k: distributed.to_host(v) for k, v in m.items()}

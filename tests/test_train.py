@@ -26,8 +26,11 @@ TINY = ["model.preset=tiny", "model.vocab_size=512", "batch_size=8", "seq_len=64
 
 
 def _env(devices: int) -> dict:
+    # The runs of one test compile the same programs: jax's persistent cache compiles them once.
     return dict(os.environ, JAX_PLATFORMS="cpu", LLAMA_JAX_CACHE=CACHE_ROOT,
-                XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+                XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+                JAX_COMPILATION_CACHE_DIR=os.path.join(CACHE_ROOT, "jax-cache"),
+                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
 
 
 def _train(args, devices=1, check=True, timeout=240):
@@ -102,9 +105,8 @@ def test_sigkill_and_sigterm_then_resume_equal_an_uninterrupted_run(tmp_path):
     corpus_dir()
     args = [*TINY, "steps=40", "checkpoint_every=5", "keep_checkpoints=2"]
     straight = str(tmp_path / "straight")
-    _train([f"workdir={straight}", *args])
-    expected = _losses(straight)
-    assert [s for s, _ in expected] == list(range(1, 41))
+    reference = subprocess.Popen([sys.executable, "train.py", "--no_progress", f"workdir={straight}", *args],
+                                 cwd=ROOT, env=_env(1), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
     work = str(tmp_path / "interrupted")
     cmd = [sys.executable, "train.py", "--no_progress", f"workdir={work}", *args]
@@ -115,6 +117,9 @@ def test_sigkill_and_sigterm_then_resume_equal_an_uninterrupted_run(tmp_path):
     proc.wait()
     logged = _losses(work)
     assert first <= logged[-1][0] < 40, "the run was not interrupted mid-way"
+    assert reference.wait(timeout=240) == 0, reference.stderr.read()[-3000:]
+    expected = _losses(straight)
+    assert [s for s, _ in expected] == list(range(1, 41))
     # 2. resume; SIGTERM (preemption) after its next checkpoint: it saves where it is and exits cleanly
     proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(1), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     _wait_for_checkpoint(proc, work, first)
