@@ -27,6 +27,13 @@ def parse_args(argv=None):
     p.add_argument("--int8", action="store_true", help="int8 weight-only matmul weights (about half of bf16)")
     p.add_argument("--dtype", default=None, help="cast the weights and compute, e.g. bfloat16 (default: as stored)")
     p.add_argument("--tensor", type=int, default=1, help="split weights and KV cache over this many devices")
+    p.add_argument("--aot", default=None, metavar="TOPOLOGY",
+                   help="only compile prefill + one decode step for a TPU slice, e.g. v5e:2x4 (no TPU needed; needs "
+                        "libtpu): per-chip memory, exit 1 if it does not fit. Weights split over all its chips")
+    p.add_argument("--checkpoint-config", default=None, help="with --aot: a preset (e.g. llama3.1-8b) or a "
+                   "directory with config.json, instead of --checkpoint")
+    p.add_argument("--batch", type=int, default=1, help="with --aot: sequences sampled together")
+    p.add_argument("--context", type=int, default=8192, help="with --aot: KV cache length (prompt + new tokens)")
     return p.parse_args(argv)
 
 
@@ -44,6 +51,11 @@ def read_prompts(args):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.aot:
+        from llama_jax import aot
+        return aot.sample_cli(args.checkpoint_config or args.checkpoint or DEFAULT_CHECKPOINT, args.aot,
+                              batch=args.batch, context=args.context, int8=args.int8,
+                              tensor=args.tensor if args.tensor > 1 else -1)
     checkpoint = args.checkpoint or DEFAULT_CHECKPOINT
     if not os.path.isdir(checkpoint):
         if args.checkpoint is None:

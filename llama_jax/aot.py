@@ -106,6 +106,10 @@ def get_topology(name: str) -> Topology:
     # libtpu takes /tmp/libtpu_lockfile on load; any other jax process that probed for a TPU (a CPU run
     # without JAX_PLATFORMS=cpu) holds it. We only compile, so sharing is safe.
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+    # Without a TPU VM's metadata libtpu logs an INVALID_ARGUMENT about its worker list; this process only
+    # compiles, so name itself as the one worker.
+    if os.environ.get("TPU_WORKER_HOSTNAMES", "WARNING").startswith("WARNING"):
+        os.environ["TPU_WORKER_HOSTNAMES"] = "localhost"
     try:
         from jax.experimental import topologies
         desc = topologies.get_topology_desc(platform="tpu", topology_name=name.strip())
@@ -442,7 +446,11 @@ def compile_sample(name: str, topology: str, *, batch: int = 1, context: int = 8
 
     topo = get_topology(topology)
     try:
-        config = LlamaConfig.from_preset(name, dtype="bfloat16", param_dtype="bfloat16")
+        if os.path.isfile(os.path.join(name, "config.json")):  # a Hugging Face / llama_jax directory
+            config = LlamaConfig.from_hf(os.path.join(name, "config.json"))
+            config = config.replace(dtype="bfloat16", param_dtype="bfloat16")
+        else:
+            config = LlamaConfig.from_preset(name, dtype="bfloat16", param_dtype="bfloat16")
     except Exception as e:
         raise AotError(f"--checkpoint-config {name!r}: {e}") from None
     n = len(topo.devices)
