@@ -197,6 +197,15 @@ def _generate(params, tokens, lengths, alive, max_new, strategy, key, stop_ids, 
     return out, step
 
 
+def kv_cache_sharding(config: LlamaConfig, mesh, batch: int, cache_len: int) -> NamedSharding:
+    """The KV cache [L, B, S, K, H] on `mesh`: KV heads over the tensor axis, rows over the batch axes (each
+    replicated where it does not divide, e.g. 8 KV heads on a tensor axis of 16)."""
+    shape = (config.num_layers, batch, cache_len, config.num_kv_heads, config.head_dim)
+    spec = logical_to_spec(("layers", "cache_batch", "cache_length", "kv_heads", "head_dim"), shape, mesh,
+                           where="KV cache")
+    return NamedSharding(mesh, spec)
+
+
 def generate_ids(params, config: LlamaConfig, prompts: Sequence[Sequence[int]], *, max_new_tokens: int = 64,
                  strategy: Optional[Strategy] = None, seed: Union[int, jax.Array] = 0,
                  stop_ids: Sequence[int] = (), mesh=None,
@@ -242,12 +251,7 @@ def generate_ids(params, config: LlamaConfig, prompts: Sequence[Sequence[int]], 
     key = jax.random.PRNGKey(seed) if isinstance(seed, int) else seed
     stops = np.asarray(sorted(set(int(s) for s in stop_ids)) or [-2], np.int32)  # -2 never matches a token
 
-    cache_sharding = None
-    if mesh is not None:
-        shape = (config.num_layers, batch, cache_len, config.num_kv_heads, config.head_dim)
-        spec = logical_to_spec(("layers", "cache_batch", "cache_length", "kv_heads", "head_dim"), shape, mesh,
-                               where="KV cache")
-        cache_sharding = NamedSharding(mesh, spec)
+    cache_sharding = None if mesh is None else kv_cache_sharding(config, mesh, batch, cache_len)
 
     run = functools.partial(_generate, config=config, cache_len=cache_len, buf_len=buf_len,
                             stream=on_token is not None, cache_sharding=cache_sharding)

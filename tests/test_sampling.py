@@ -125,6 +125,9 @@ def test_per_sequence_stop_and_bucketing(tiny):
 
 @pytest.mark.parametrize("mesh_shape", [(1, 2, 2)])
 def test_mesh_gives_single_device_tokens(tiny, mesh_shape):
+    from jax.sharding import PartitionSpec as P
+
+    from llama_jax.sampling import kv_cache_sharding
     from llama_jax.sharding import make_mesh, param_shardings
 
     cfg, params = tiny
@@ -135,6 +138,7 @@ def test_mesh_gives_single_device_tokens(tiny, mesh_shape):
         expected = generate_ids(params, cfg, PROMPTS, max_new_tokens=8, strategy=strategy, seed=1)
         assert generate_ids(sharded, cfg, PROMPTS, max_new_tokens=8, strategy=strategy, seed=1,
                             mesh=mesh) == expected
+    assert kv_cache_sharding(cfg, mesh, 4, 16).spec == P(None, "fsdp", None, "tensor", None)  # [L,B,S,K,H]
     q = quantize_params(sharded, param_shardings(cfg, mesh))
     assert q["layers"]["attn"]["q"].q.sharding.spec == sharded["layers"]["attn"]["q"].sharding.spec
     assert q["layers"]["mlp"]["down"].scale.shape == (cfg.num_layers, 1, cfg.hidden_size)
