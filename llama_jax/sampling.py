@@ -325,6 +325,14 @@ class Sampler:
         if tokenizer.vocab_size > config.vocab_size:
             raise ValueError(f"tokenizer {getattr(tokenizer, 'path', tokenizer)!r} has {tokenizer.vocab_size} tokens "
                              f"but the model's vocabulary has only {config.vocab_size}: they do not belong together")
+        if mesh is not None:  # place (or keep) the weights in their shardings; a no-op when already there
+            from llama_jax.quantize import QArray, quantized_shardings
+            from llama_jax.sharding import param_shardings
+
+            shardings = param_shardings(config, mesh)
+            if any(isinstance(x, QArray) for x in jax.tree.leaves(params, is_leaf=lambda x: isinstance(x, QArray))):
+                shardings = quantized_shardings(shardings)
+            params = jax.device_put(params, shardings)
         self.config, self.params, self.tokenizer, self.mesh = config, params, tokenizer, mesh
         self.stop_ids = tuple(sorted(set(tokenizer.stop_ids) | set(config.eos_token_id)))
 
