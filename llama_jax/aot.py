@@ -388,11 +388,15 @@ def format_compiled(c: Compiled, hbm: int) -> List[str]:
             "  collectives (from the compiled HLO):"] + format_collectives(c.collectives)
 
 
-def format_does_not_fit(e: DoesNotFit, what: str, topology: str) -> str:
+_TRAIN_HINT = "more grad_accum (fewer sequences per micro-batch), model.remat=full, a larger mesh.tensor, a bigger slice"
+_SAMPLE_HINT = "a smaller --batch or --context (the prefill's scores are batch x heads x prompt x context x 4 " \
+               "bytes), --int8, or more chips"
+
+
+def format_does_not_fit(e: DoesNotFit, what: str, topology: str, hint: str = _TRAIN_HINT) -> str:
     parts = ", ".join(f"{k} {_gib(v)}" for k, v in e.inputs.items())
     return (f"AOT {e.name}: {what} on {topology} DOES NOT FIT: the TPU compiler ran out of HBM.\n"
-            f"  per device: {parts}\n  XLA: {e}\n  try: more grad_accum (fewer sequences per micro-batch), "
-            "model.remat=full, a larger mesh.tensor, or a bigger slice")
+            f"  per device: {parts}\n  XLA: {e}\n  try: {hint}")
 
 
 def format_train(r: TrainReport) -> str:
@@ -456,7 +460,7 @@ def compile_sample(name: str, topology: str, *, batch: int = 1, context: int = 8
     n = len(topo.devices)
     tensor = n if tensor == -1 else tensor
     mesh = topology_mesh(topo, 1, -1, tensor)
-    prompt = prompt or context // 2
+    prompt = prompt or context // 4
     try:
         shardings = param_shardings(config, mesh)
     except MeshError as e:
@@ -527,7 +531,7 @@ def sample_cli(name: str, topology: str, **kw) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except DoesNotFit as e:
-        print(format_does_not_fit(e, name, topology))
+        print(format_does_not_fit(e, name, topology, _SAMPLE_HINT))
         return 1
     print(format_sample(report))
     return 0 if report.fits else 1
@@ -567,7 +571,7 @@ def main(argv=None) -> int:
     s.add_argument("--topology", required=True)
     s.add_argument("--batch", type=int, default=1)
     s.add_argument("--context", type=int, default=8192, help="KV cache length (prompt + new tokens)")
-    s.add_argument("--prompt", type=int, default=0, help="prefill length (default: context / 2)")
+    s.add_argument("--prompt", type=int, default=0, help="prefill length (default: context / 4)")
     s.add_argument("--int8", action="store_true", help="int8 weights (llama_jax.quantize)")
     s.add_argument("--tensor", type=int, default=-1, help="tensor-parallel size (default: all devices)")
     args = parser.parse_args(argv)
