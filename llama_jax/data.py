@@ -2,7 +2,7 @@
 
 Token directory layout (written by `python -m llama_jax.data prepare` or `corpus.ensure_default_corpus`):
     meta.json            {"format", "dtype", "vocab_size", "bos_id", "eos_id", "splits": {name: {...}}}
-    tokenizer.model      the tokenizer the tokens came from (copied, so the directory is self-contained)
+    tokenizer.*          the tokenizer files the tokens came from (copied, so the directory is self-contained)
     {split}.bin          every document's tokens, flat: BOS doc EOS BOS doc EOS ... (uint16 or uint32)
     {split}.docs.npy     int64 [num_docs] the offset where each document starts in {split}.bin
     {split}.mask.bin     uint8, only for chat data: 1 where a token is a target the loss trains on
@@ -163,14 +163,32 @@ def write_token_files(out_dir: str, records: Iterable[Mapping[str, Any]], tokeni
             os.remove(os.path.join(out_dir, f"{s}.mask.bin"))
         splits[s] = {"tokens": count[s], "docs": len(starts[s])}
     tok_path = getattr(tokenizer, "path", None)
-    if tok_path and os.path.isfile(tok_path) and os.path.abspath(tok_path) != os.path.abspath(
-            os.path.join(out_dir, "tokenizer.model")):
-        shutil.copy(tok_path, os.path.join(out_dir, "tokenizer.model"))
+    if tok_path and os.path.isfile(tok_path):
+        copy_tokenizer_files(os.path.dirname(os.path.abspath(tok_path)), out_dir, os.path.basename(tok_path))
     meta = {"format": FORMAT, "dtype": np.dtype(dtype).name, "vocab_size": vocab, "bos_id": _bos(tokenizer),
             "eos_id": _eos(tokenizer), "masked": any_masked, "source": source, "splits": splits}
     with open(os.path.join(out_dir, "meta.json"), "w") as f:  # last: marks a complete directory
         json.dump(meta, f, indent=1)
     return meta
+
+
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "chat_template.jinja", "chat_template.json")
+
+
+def copy_tokenizer_files(src_dir: str, dst_dir: str, main_file: Optional[str] = None) -> None:
+    """Copy the tokenizer files of `src_dir` (the model file, and the configs that carry special tokens and
+    chat templates) into `dst_dir`; with `main_file`, only that one of tokenizer.model / tokenizer.json."""
+    for name in TOKENIZER_FILES:
+        if main_file and name in ("tokenizer.model", "tokenizer.json") and name != main_file:
+            continue
+        src, dst = os.path.join(src_dir, name), os.path.join(dst_dir, name)
+        if os.path.isfile(src) and os.path.abspath(src) != os.path.abspath(dst):
+            shutil.copy(src, dst)
+
+
+def has_tokenizer(path: str) -> bool:
+    return any(os.path.isfile(os.path.join(path, n)) for n in ("tokenizer.model", "tokenizer.json"))
 
 
 def read_meta(path: str) -> dict:

@@ -44,7 +44,7 @@ class Setup:
     data_path: str
     meta: dict
     mesh: Any
-    tokenizer_path: Optional[str]
+    tokenizer_path: Optional[str]  # the directory of the data's tokenizer files
 
 
 # ------------------------------------------------------------------------------------------- resolution
@@ -101,8 +101,7 @@ def resolve(cfg: RunConfig, log=print) -> Setup:
                          f"multiple of {batch_shards * cfg.grad_accum}")
     if cfg.batch_size % jax.process_count():
         raise TrainError(f"batch_size={cfg.batch_size} is not divisible by the {jax.process_count()} processes")
-    tok = os.path.join(data_path, "tokenizer.model")
-    return Setup(cfg, model, data_path, meta, mesh, tok if os.path.isfile(tok) else None)
+    return Setup(cfg, model, data_path, meta, mesh, data_path if data_lib.has_tokenizer(data_path) else None)
 
 
 def _init_config(path: str) -> LlamaConfig:
@@ -300,12 +299,10 @@ def evaluate(eval_fn, state, setup: Setup, rows) -> float:
 
 
 # ------------------------------------------------------------------------------------------- export / sample
-def export_params(workdir: str, config: LlamaConfig, params, tokenizer_path: Optional[str]) -> str:
-    """Write `params` as a llama_jax checkpoint in WORKDIR/export (+ tokenizer.model, also copied to WORKDIR
-    itself), so `llama_jax.load(WORKDIR)`, `llama_jax.load_tokenizer(WORKDIR)`, sample.py and the converter
+def export_params(workdir: str, config: LlamaConfig, params, tokenizer_dir: Optional[str]) -> str:
+    """Write `params` as a llama_jax checkpoint in WORKDIR/export (+ the tokenizer files of `tokenizer_dir`, also
+    copied to WORKDIR itself), so `llama_jax.load(WORKDIR)`, `llama_jax.load_tokenizer(WORKDIR)`, sample.py and the converter
     (`python -m llama_jax.convert --to-hf WORKDIR/export OUT`) read it. Collective: every process calls it."""
-    import shutil
-
     import orbax.checkpoint as ocp
 
     from llama_jax import checkpoint
@@ -318,9 +315,9 @@ def export_params(workdir: str, config: LlamaConfig, params, tokenizer_path: Opt
     if jax.process_index() == 0:
         checkpoint.write_metadata(out, config, config.param_dtype, source={"trained_by": "train.py",
                                                                           "workdir": workdir})
-        if tokenizer_path:
+        if tokenizer_dir:
             for d in (out, workdir):
-                shutil.copy(tokenizer_path, os.path.join(d, "tokenizer.model"))
+                data_lib.copy_tokenizer_files(tokenizer_dir, d)
     return out
 
 
