@@ -430,12 +430,13 @@ class SampleReport:
     prompt: int
     context: int
     int8: bool
-    prefill: Compiled
-    decode: Compiled
+    prefill: Any                # Compiled, or DoesNotFit when the TPU compiler refused it
+    decode: Any
 
     @property
     def fits(self) -> bool:
-        return max(self.prefill.total, self.decode.total) <= self.topology.hbm_bytes
+        return all(isinstance(c, Compiled) and c.total <= self.topology.hbm_bytes
+                   for c in (self.prefill, self.decode))
 
 
 def compile_sample(name: str, topology: str, *, batch: int = 1, context: int = 8192, prompt: int = 0,
@@ -505,10 +506,16 @@ def compile_sample(name: str, topology: str, *, batch: int = 1, context: int = 8
                 return self.fn.lower(*args)
 
     inputs = {"params": device_bytes(params), "kv_cache": device_bytes(cache)}
-    pre = compile_and_analyze("prefill", InMesh(prefill, (3,)), (params, tokens, lengths, cache), inputs, mesh)
-    dec = compile_and_analyze("decode", InMesh(decode, (3,)),
-                              (params, jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=lengths.sharding),
-                               lengths, cache, step), inputs, mesh)
+    token = jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=lengths.sharding)
+    programs = {"prefill": (prefill, (params, tokens, lengths, cache)),
+                "decode": (decode, (params, token, lengths, cache, step))}
+    done = {}
+    for key, (fn, args) in programs.items():
+        try:
+            done[key] = compile_and_analyze(key, InMesh(fn, (3,)), args, inputs, mesh)
+        except DoesNotFit as e:  # report both programs either way
+            done[key] = e
+    pre, dec = done["prefill"], done["decode"]
     return SampleReport(name, topo, dict(mesh.shape), batch, prompt, context, int8, pre, dec)
 
 
@@ -517,6 +524,10 @@ def format_sample(r: SampleReport) -> str:
              f"mesh {r.mesh_shape}, batch {r.batch}, prompt {r.prompt}, KV cache {r.context} slots"]
     for c in (r.prefill, r.decode):
         lines.append(f" {c.name}:")
+        if isinstance(c, DoesNotFit):
+            parts = ", ".join(f"{k} {_gib(v)}" for k, v in c.inputs.items())
+            lines += [f"  per device: {parts}", f"    DOES NOT FIT: {c}", f"    try: {_SAMPLE_HINT}"]
+            continue
         lines += format_compiled(c, r.topology.hbm_bytes)[:3]
         lines.append(f"    XLA FLOPs per device (layer loop once): {c.xla_flops:.3e}")
     return "\n".join(lines)
@@ -530,9 +541,6 @@ def sample_cli(name: str, topology: str, **kw) -> int:
     except AotError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except DoesNotFit as e:
-        print(format_does_not_fit(e, name, topology, _SAMPLE_HINT))
-        return 1
     print(format_sample(report))
     return 0 if report.fits else 1
 
