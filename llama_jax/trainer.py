@@ -259,7 +259,8 @@ def train(cfg: RunConfig, progress: bool = True, export: bool = True, sample: bo
                 metrics.log(done, row)
             if eval_fn is not None and (done % cfg.eval_every == 0 or done == cfg.steps):
                 eval_loss = evaluate(eval_fn, state, setup, rows)
-                metrics.log(done, {"eval_loss": eval_loss})
+                if eval_loss is not None:
+                    metrics.log(done, {"eval_loss": eval_loss})
                 t_last = time.perf_counter()  # eval time is not step time
             if is_ckpt:
                 ckpt.save(done, state, it.get_state(), saved_config)
@@ -284,8 +285,9 @@ def train(cfg: RunConfig, progress: bool = True, export: bool = True, sample: bo
     return Result(int(state.step), losses, cfg.workdir, export_dir, stopped, state)
 
 
-def evaluate(eval_fn, state, setup: Setup, rows) -> float:
-    """Token-weighted mean loss over the first eval_batches batches of the held-out split (file order)."""
+def evaluate(eval_fn, state, setup: Setup, rows) -> Optional[float]:
+    """Token-weighted mean loss over the first eval_batches batches of the held-out split (file order); None
+    when the split holds less than one batch."""
     cfg = setup.cfg
     ds = data_lib.make_dataset(setup.data_path, cfg.data.eval_split, cfg.seq_len, cfg.batch_size, cfg.seed, rows,
                                shuffle=False)
@@ -295,7 +297,7 @@ def evaluate(eval_fn, state, setup: Setup, rows) -> float:
         m = {k: distributed.to_host(v) for k, v in eval_fn(state.params, state.frozen, batch).items()}
         total += float(m["loss"]) * float(m["tokens"])
         weight += float(m["tokens"])
-    return total / max(weight, 1.0)
+    return total / weight if weight else None
 
 
 # ------------------------------------------------------------------------------------------- export / sample
