@@ -8,6 +8,9 @@ reads that subprocess's own peak RSS from wait4(). A tiny conversion first gives
 jax, Orbax and tensorstore imports); the point is that the increase over it stays flat as the checkpoint
 grows. Prints one JSON line per size, then a table. Spot-checks the last layer of the converted checkpoint
 against the source.
+
+This parent process stays small and imports neither numpy nor jax: Linux carries a parent's resident size at
+fork into the child's ru_maxrss, so writing the synthetic checkpoint and the spot check run in subprocesses too.
 """
 
 from __future__ import annotations
@@ -21,15 +24,8 @@ import sys
 import tempfile
 import time
 
-import numpy as np
-
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-
-from llama_jax import layout  # noqa: E402
-from llama_jax.config import LlamaConfig  # noqa: E402
-from llama_jax.safetensors_io import SafetensorsWriter  # noqa: E402
-from llama_jax.sources import dtype_of  # noqa: E402
 
 # Llama-shaped layers of ~33.6 MB each in bfloat16; the size of the model grows with the number of layers.
 BASE = dict(vocab_size=16000, hidden_size=1024, intermediate_size=4096, num_heads=8, num_kv_heads=8,
@@ -37,15 +33,23 @@ BASE = dict(vocab_size=16000, hidden_size=1024, intermediate_size=4096, num_head
 SHARD_BYTES = 1 << 30
 
 
-def synthetic_config(target_bytes: int) -> LlamaConfig:
+def synthetic_config(target_bytes: int):
+    from llama_jax.config import LlamaConfig
+
     one = LlamaConfig(num_layers=1, **BASE)
     per_layer = (LlamaConfig(num_layers=2, **BASE).num_params() - one.num_params()) * 2
     fixed = one.num_params() * 2 - per_layer
     return LlamaConfig(num_layers=max(1, round((target_bytes - fixed) / per_layer)), **BASE)
 
 
-def write_synthetic_hf(config: LlamaConfig, directory: str, seed: int = 0) -> int:
+def write_synthetic_hf(config, directory: str, seed: int = 0) -> int:
     """A random HF checkpoint, one tensor in memory at a time. Returns the bytes of tensor data."""
+    import numpy as np
+
+    from llama_jax import layout
+    from llama_jax.safetensors_io import SafetensorsWriter
+    from llama_jax.sources import dtype_of
+
     os.makedirs(directory)
     rng = np.random.default_rng(seed)
     bf16 = dtype_of("bfloat16")
@@ -88,13 +92,40 @@ def convert_measured(src: str, dst: str):
     return seconds, usage.ru_maxrss / 1024  # Linux reports KiB
 
 
-def spot_check(config: LlamaConfig, src: str, dst: str) -> None:
+def spot_check(config, src: str, dst: str) -> None:
+    import numpy as np
+
     from llama_jax.checkpoint import ParamsReader
     from llama_jax.sources import HFSource
 
     name = f"model.layers.{config.num_layers - 1}.mlp.down_proj.weight"
     ours = ParamsReader(dst).read("layers.mlp.down", (config.num_layers - 1,))
     np.testing.assert_array_equal(ours, HFSource(src).read(name).T)
+
+
+def _child(*args) -> dict:
+    """Run one step of the benchmark in a fresh interpreter; it prints one JSON line."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
+    out = subprocess.run([sys.executable, os.path.abspath(__file__), *map(str, args)], env=env, check=True,
+                         stdout=subprocess.PIPE, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def _step(argv) -> None:
+    """Subprocess side: `_write GB|tiny DIR` writes a synthetic checkpoint; `_check GB SRC DST` spot-checks."""
+    from llama_jax.config import LlamaConfig
+
+    what, size = argv[0], argv[1]
+    if size == "tiny":
+        config = LlamaConfig.from_preset("tiny").replace(param_dtype="bfloat16")
+    else:
+        config = synthetic_config(int(float(size) * 1e9))
+    if what == "_write":
+        print(json.dumps({"bytes": write_synthetic_hf(config, argv[2]), "layers": config.num_layers,
+                          "params": config.num_params()}))
+    else:
+        spot_check(config, argv[2], argv[3])
+        print(json.dumps({"ok": True}))
 
 
 def main(argv=None):
@@ -105,17 +136,16 @@ def main(argv=None):
     work = tempfile.mkdtemp(prefix="convert_memory_", dir=args.workdir)
     rows = []
     try:
-        tiny = LlamaConfig.from_preset("tiny").replace(param_dtype="bfloat16")
-        write_synthetic_hf(tiny, os.path.join(work, "tiny_src"))
+        tiny = _child("_write", "tiny", os.path.join(work, "tiny_src"))
         _, baseline = convert_measured(os.path.join(work, "tiny_src"), os.path.join(work, "tiny_dst"))
         for gb in args.sizes:
-            config = synthetic_config(int(gb * 1e9))
             src, dst = os.path.join(work, f"src_{gb}"), os.path.join(work, f"dst_{gb}")
-            nbytes = write_synthetic_hf(config, src)
+            made = _child("_write", gb, src)
             seconds, peak = convert_measured(src, dst)
-            spot_check(config, src, dst)
+            _child("_check", gb, src, dst)
+            nbytes = made["bytes"]
             row = {"bench": "convert_memory", "target_gb": gb, "checkpoint_gb": round(nbytes / 1e9, 3),
-                   "layers": config.num_layers, "seconds": round(seconds, 1), "peak_rss_mib": round(peak),
+                   "layers": made["layers"], "seconds": round(seconds, 1), "peak_rss_mib": round(peak),
                    "baseline_rss_mib": round(baseline), "peak_increase_mib": round(peak - baseline),
                    "checkpoint_over_increase": round(nbytes / 2**20 / max(peak - baseline, 1), 1)}
             print(json.dumps(row), flush=True)
@@ -128,9 +158,12 @@ def main(argv=None):
     for r in rows:
         print(f"{r['checkpoint_gb']:>13} {r['layers']:>6} {r['seconds']:>8} {r['peak_rss_mib']:>12} "
               f"{r['peak_increase_mib']:>12}")
-    print(f"(baseline: a {LlamaConfig.from_preset('tiny').num_params() * 2 / 1e6:.2f} MB conversion peaks at "
-          f"{rows[0]['baseline_rss_mib'] if rows else '?'} MiB: interpreter + jax + Orbax + tensorstore)")
+    print(f"(baseline: converting a {tiny['bytes'] / 1e6:.2f} MB checkpoint peaks at {round(baseline)} MiB: "
+          "the interpreter + jax + Orbax + tensorstore)")
 
 
 if __name__ == "__main__":
-    main()
+    if len(sys.argv) > 1 and sys.argv[1] in ("_write", "_check"):
+        _step(sys.argv[1:])
+    else:
+        main()

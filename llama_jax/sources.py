@@ -58,10 +58,6 @@ class Source:
     def read_rows(self, name: str, start: int, stop: int) -> np.ndarray:
         return self.read(name)[start:stop]
 
-    def tokenizer_files(self) -> List[str]:
-        return [os.path.join(self.directory, f) for f in TOKENIZER_FILES
-                if os.path.isfile(os.path.join(self.directory, f))]
-
     def dtype_name(self) -> str:
         """The storage dtype of the weights (float64 -> float32)."""
         counts: Dict[str, int] = {}
@@ -243,7 +239,8 @@ def is_hf_dir(path: str) -> bool:
 
 
 def is_meta_dir(path: str) -> bool:
-    return os.path.isfile(os.path.join(path, "params.json")) or bool(glob.glob(os.path.join(path, "consolidated.*.pth")))
+    return (os.path.isfile(os.path.join(path, "params.json"))
+            or bool(glob.glob(os.path.join(path, "consolidated.*.pth"))))
 
 
 def open_source(path: str) -> Source:
