@@ -24,7 +24,8 @@ PROMPTS = [[1, 5, 9, 200, 3, 17, 44], [1, 7], [1, 30, 31, 32, 33]]
 
 @pytest.fixture(scope="module")
 def tiny():
-    cfg = LlamaConfig.from_preset("tiny")
+    # large init: sharp attention and peaked logits, so a wrong position or mask changes the tokens
+    cfg = LlamaConfig.from_preset("tiny", initializer_range=0.2)
     return cfg, init_params(cfg, jax.random.PRNGKey(0))
 
 
@@ -71,7 +72,7 @@ def hf_to_params(model, cfg):
 def test_greedy_equals_transformers_generate():
     import torch
 
-    cfg = LlamaConfig.from_preset("tiny")
+    cfg = LlamaConfig.from_preset("tiny", initializer_range=0.2)  # sharp, as the `tiny` fixture
     model = make_hf_model(cfg, seed=1)
     params = hf_to_params(model, cfg)
     prompts = [[1, 50, 60, 70, 80, 90], [1, 200, 10], [1, 2, 3, 4]]
@@ -147,7 +148,9 @@ def test_mesh_gives_single_device_tokens(tiny, mesh_shape):
 def test_int8_halves_memory_and_bounds_logits(tiny):
     from llama_jax.model import param_shapes
 
-    cfg, f32 = tiny
+    cfg, sharp = tiny
+    # weights at the usual init scale (0.02): the sharp test model amplifies any perturbation chaotically
+    f32 = jax.tree_util.tree_map_with_path(lambda p, x: x if "norm" in jax.tree_util.keystr(p) else x * 0.1, sharp)
     bf16 = jax.tree.map(lambda x: x.astype(jnp.bfloat16), f32)
     q = quantize_params(bf16)
     assert isinstance(q["layers"]["mlp"]["down"], QArray) and q["layers"]["mlp"]["down"].dtype == jnp.int8
