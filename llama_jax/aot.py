@@ -406,10 +406,17 @@ def format_train(r: TrainReport) -> str:
              f"({r.topology.chips} chips, {len(r.topology.devices)} devices)",
              f"  mesh {r.mesh_shape}, batch {r.batch_size} x {r.seq_len} tokens, grad_accum {r.grad_accum}"]
     lines += format_compiled(r.compiled, r.topology.hbm_bytes)
+    t = r.step_time(0.4)
     lines += [f"  FLOPs per step (analytic, for MFU): {r.flops_per_step:.3e}; at 40% MFU a step takes "
-              f"{r.step_time(0.4):.2f}s ({r.batch_size * r.seq_len / r.step_time(0.4):,.0f} tokens/s)",
+              f"{f'{t:.2f} s' if t >= 1 else f'{t * 1e3:.2f} ms'} ({r.batch_size * r.seq_len / r.step_time(0.4):,.0f} tokens/s)",
               f"  XLA cost analysis (each loop body once): {xla:.3e} vs analytic {expected:.3e} for one layer "
               f"and one micro-batch ({100 * (xla / expected - 1):+.1f}%)"]
+    gathers = weight_gathers_over_tensor(r.compiled.collectives, r.config, r.mesh_shape)
+    if r.mesh_shape.get("tensor", 1) > 1:
+        names = sorted({name for name, _ in gathers})
+        lines.append("  tensor parallelism: whole-weight all-gathers over tensor: " + (
+            ", ".join(names) + (" (the embedding lookup's table)" if names == ["embed/embedding"] else "")
+            if names else "none"))
     own = [t for t, _, op in r.compiled.loops if "while" not in op.split("/")[-1] and t > 1]
     trips = sorted({t for t, _, _ in r.compiled.loops if t > 1})
     lines.append(f"  while loops (trip counts): {trips or 'none'}" + (
