@@ -1,12 +1,12 @@
 """Conversion time and peak resident memory for synthetic Hugging Face checkpoints of growing size.
 
-    python bench/convert_memory.py [--sizes 0.25 1 4] [--workdir DIR]
+    python bench/convert_memory.py [--sizes 0.25 1 4] [--workdir DIR] [--export]
 
 For each size, writes a random bfloat16 HF checkpoint (sharded safetensors + index, written tensor by tensor so
 this script never holds the model either), runs `python -m llama_jax.convert SRC DST` as a subprocess and
 reads that subprocess's own peak RSS from wait4(). A tiny conversion first gives the baseline (the Python,
 jax, Orbax and tensorstore imports); the point is that the increase over it stays flat as the checkpoint
-grows. Prints one JSON line per size, then a table. Spot-checks the last layer of the converted checkpoint
+grows; `--export` also measures the way back (`--to-hf`). Prints one JSON line per size, then a table. Spot-checks the last layer of the converted checkpoint
 against the source.
 
 This parent process stays small and imports neither numpy nor jax: Linux carries a parent's resident size at
@@ -77,12 +77,12 @@ def write_synthetic_hf(config, directory: str, seed: int = 0) -> int:
     return total
 
 
-def convert_measured(src: str, dst: str):
+def convert_measured(src: str, dst: str, *flags: str):
     """(seconds, peak RSS in MiB) of one conversion subprocess."""
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
     start = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-m", "llama_jax.convert", src, dst, "--no-progress", "--force"],
-                            env=env, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([sys.executable, "-m", "llama_jax.convert", *flags, src, dst, "--no-progress",
+                             "--force"], env=env, stderr=subprocess.PIPE, text=True)
     _, status, usage = os.wait4(proc.pid, 0)
     seconds = time.perf_counter() - start
     err = proc.stderr.read()
@@ -132,6 +132,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", type=float, nargs="+", default=[0.25, 1.0, 4.0], help="checkpoint sizes, GB")
     parser.add_argument("--workdir", default=None, help="where to write checkpoints (default: a temp dir)")
+    parser.add_argument("--export", action="store_true", help="also measure --to-hf back to safetensors")
     args = parser.parse_args(argv)
     work = tempfile.mkdtemp(prefix="convert_memory_", dir=args.workdir)
     rows = []
@@ -148,6 +149,10 @@ def main(argv=None):
                    "layers": made["layers"], "seconds": round(seconds, 1), "peak_rss_mib": round(peak),
                    "baseline_rss_mib": round(baseline), "peak_increase_mib": round(peak - baseline),
                    "checkpoint_over_increase": round(nbytes / 2**20 / max(peak - baseline, 1), 1)}
+            if args.export:
+                export_seconds, export_peak = convert_measured(dst, os.path.join(work, "exported"), "--to-hf")
+                shutil.rmtree(os.path.join(work, "exported"))
+                row.update(export_seconds=round(export_seconds, 1), export_peak_rss_mib=round(export_peak))
             print(json.dumps(row), flush=True)
             rows.append(row)
             shutil.rmtree(src)

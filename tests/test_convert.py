@@ -225,3 +225,28 @@ def test_safetensors_writer_streams_blocks_and_reader_reads_rows(tmp_path):
     c = np.arange(6).astype(ml_dtypes.bfloat16)
     write_arrays(path, [("c", c)])
     assert SafetensorsFile(path).read("c").dtype == ml_dtypes.bfloat16
+
+
+def test_export_reads_a_default_orbax_checkpoint(tmp_path):
+    """Parameters saved by plain Orbax (OCDBT, as training does) plus our metadata export like converted ones."""
+    import jax
+    import orbax.checkpoint as ocp
+    import transformers
+
+    from hf_util import hf_logits
+    from llama_jax import Llama, init_params
+    from llama_jax.checkpoint import write_metadata
+    from llama_jax.convert import export_to_hf
+
+    config = LlamaConfig.from_preset("tiny")
+    params = init_params(config, jax.random.PRNGKey(0))
+    (tmp_path / "ckpt").mkdir()
+    with ocp.StandardCheckpointer() as ckptr:
+        ckptr.save(tmp_path / "ckpt" / "params", params)
+    assert (tmp_path / "ckpt" / "params" / "manifest.ocdbt").exists()
+    write_metadata(str(tmp_path / "ckpt"), config, "float32")
+    out = export_to_hf(tmp_path / "ckpt", tmp_path / "hf", progress=False)
+    model = transformers.LlamaForCausalLM.from_pretrained(out).eval()
+    tokens = np.random.RandomState(0).randint(0, config.vocab_size, (1, 16))
+    np.testing.assert_allclose(hf_logits(model, tokens), Llama(config).apply({"params": params}, tokens),
+                               atol=1e-5, rtol=0)
