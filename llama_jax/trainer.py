@@ -236,9 +236,9 @@ def train(cfg: RunConfig, progress: bool = True, export: bool = True, sample: bo
             state, m = step_fn(state, batch)
             done = step + 1
             metrics.advance(done)
-            if pcount > 1 and ckpt.reached_preemption(done):  # TPU pod preemption, agreed by all hosts
-                stop["sigterm"] = True
-            is_ckpt = done % cfg.checkpoint_every == 0 or done == cfg.steps or stop["sigterm"]
+            # read the flag once: a SIGTERM landing later in this iteration is handled at the next step
+            preempted = stop["sigterm"] or (pcount > 1 and ckpt.reached_preemption(done))
+            is_ckpt = done % cfg.checkpoint_every == 0 or done == cfg.steps or preempted
             if done % cfg.log_every == 0 or is_ckpt:
                 m = {k: distributed.to_host(v) for k, v in m.items()}
                 loss = float(m["loss"])
@@ -265,23 +265,25 @@ def train(cfg: RunConfig, progress: bool = True, export: bool = True, sample: bo
             if is_ckpt:
                 ckpt.save(done, state, it.get_state(), saved_config)
                 last_good = done
-            if stop["sigterm"]:
+            if preempted:
                 metrics.write(f"SIGTERM: saved checkpoint {done}, stopping (restart with the same workdir to resume)")
                 stopped = True
                 break
     finally:
         ckpt.close()
         metrics.close()
-        if old_handler is not None:
-            signal.signal(signal.SIGTERM, old_handler)
 
     export_dir = None
-    if export and not stopped:
-        params = state.params if not model.lora else lora_lib.merge(state.frozen, state.params, cfg.lora.alpha)
-        export_dir = export_params(cfg.workdir, config, params, setup.tokenizer_path)
-        if sample and cfg.sample_tokens and pcount == 1 and setup.tokenizer_path:
-            say("sample (greedy): " + greedy_sample(config, params, setup.tokenizer_path, cfg.sample_prompt,
-                                                     cfg.sample_tokens, mesh))
+    try:  # a SIGTERM from here on is ignored: the last checkpoint is written, the export is short
+        if export and not stopped:
+            params = state.params if not model.lora else lora_lib.merge(state.frozen, state.params, cfg.lora.alpha)
+            export_dir = export_params(cfg.workdir, config, params, setup.tokenizer_path)
+            if sample and cfg.sample_tokens and pcount == 1 and setup.tokenizer_path:
+                say("sample (greedy): " + greedy_sample(config, params, setup.tokenizer_path, cfg.sample_prompt,
+                                                         cfg.sample_tokens, mesh))
+    finally:
+        if old_handler is not None:
+            signal.signal(signal.SIGTERM, old_handler)
     return Result(int(state.step), losses, cfg.workdir, export_dir, stopped, state)
 
 
@@ -331,4 +333,5 @@ def greedy_sample(config: LlamaConfig, params, tokenizer_path: str, prompt: str,
     ids = tok.encode(prompt, bos=True)
     n = max(0, min(n, config.max_position_embeddings - len(ids)))
     out = generate_ids(params, config, [ids], max_new_tokens=n, stop_ids=tuple(config.eos_token_id), mesh=mesh)
-    return prompt + tok.decode(out[0])
+    # decode prompt and continuation together: SentencePiece drops a word-initial space at the start of a decode
+    return tok.decode([i for i in ids if i != tok.bos_id] + list(out[0]))
