@@ -109,3 +109,36 @@ def test_sampling_prefill_and_decode_compile_with_int8_and_cache():
         assert c.alias >= r.decode.inputs["kv_cache"]  # cache updated in place
         assert c.total - c.code < 1.5 * (c.inputs["params"] + c.inputs["kv_cache"]) + 2**20
     assert r.prefill.xla_flops > 10 * r.decode.xla_flops  # 64 prompt tokens vs 1
+
+
+def test_hlo_replica_group_spellings_map_to_mesh_axes():
+    """The three spellings of replica groups in TPU HLO, mapped to (data=1, fsdp=2, tensor=2) mesh axes
+    (device id = row-major position in the mesh)."""
+    from llama_jax import hlo
+
+    mesh = {"data": 1, "fsdp": 2, "tensor": 2}
+    spellings = {
+        "replica_groups={{0,1},{2,3}}, use_global_device_ids=true": ("tensor",),
+        "replica_groups=[2,2]<=[2,2]T(1,0), dimensions={1}": ("fsdp",),
+        "replica_groups=mesh['axis_0'=2,'axis_1'=2] {'axis_0'}, use_global": ("fsdp",),
+        "replica_groups=mesh['axis_0'=2,'axis_1'=2] {'axis_1'}, use_global": ("tensor",),
+        "replica_groups={}, to_apply=%add": ("fsdp", "tensor"),
+        "source_target_pairs={{0,2},{2,0},{1,3},{3,1}}": ("fsdp",),
+    }
+    for attrs, axes in spellings.items():
+        assert hlo.group_axes(hlo.replica_groups(attrs, 4), mesh) == axes, attrs
+    text = """HloModule m
+%body (p: (s32[], f32[8])) -> (s32[], f32[8]) {
+  %ag = f32[16]{0} all-gather(%x), channel_id=7, replica_groups=[2,2]<=[2,2]T(1,0), dimensions={0}
+}
+%cond (p: (s32[], f32[8])) -> pred[] {
+  %c = s32[] constant(12)
+  ROOT %lt = pred[] compare(%i, %c), direction=LT
+}
+ENTRY %main (a: f32[8]) -> f32[8] {
+  %w = (s32[], f32[8]) while(%t), condition=%cond, body=%body
+}
+"""
+    [c] = hlo.collectives(text, mesh)
+    assert (c.kind, c.axes, c.bytes, c.count) == ("all-gather", ("fsdp",), 64, 12)
+    assert hlo.while_loops(text) == [(12, 1, "")]
