@@ -11,7 +11,7 @@ import json
 import math
 import os
 import sys
-from typing import Dict, Optional
+from typing import Dict
 
 # Shown on the progress bar (the rest goes to the files only), with their formats.
 _BAR = (("loss", "{:.3f}"), ("tok/s", "{:.0f}"), ("mfu", "{:.1%}"), ("eval_loss", "{:.3f}"))

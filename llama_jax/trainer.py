@@ -305,8 +305,9 @@ def evaluate(eval_fn, state, setup: Setup, rows) -> Optional[float]:
 # ------------------------------------------------------------------------------------------- export / sample
 def export_params(workdir: str, config: LlamaConfig, params, tokenizer_dir: Optional[str]) -> str:
     """Write `params` as a llama_jax checkpoint in WORKDIR/export (+ the tokenizer files of `tokenizer_dir`, also
-    copied to WORKDIR itself), so `llama_jax.load(WORKDIR)`, `llama_jax.load_tokenizer(WORKDIR)`, sample.py and the converter
-    (`python -m llama_jax.convert --to-hf WORKDIR/export OUT`) read it. Collective: every process calls it."""
+    copied to WORKDIR itself), so `llama_jax.load(WORKDIR)`, `llama_jax.load_tokenizer(WORKDIR)`, sample.py
+    and the converter (`python -m llama_jax.convert --to-hf WORKDIR/export OUT`) read it. Collective: every
+    process calls it."""
     import orbax.checkpoint as ocp
 
     from llama_jax import checkpoint

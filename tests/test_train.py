@@ -2,7 +2,6 @@
 accumulation, two processes of 4 devices vs one of 8, NaN handling, errors reported before compilation, and
 the run config's overrides."""
 
-import json
 import os
 import signal
 import socket
@@ -122,11 +121,13 @@ def test_sigkill_and_sigterm_then_resume_equal_an_uninterrupted_run(tmp_path):
     assert [s for s, _ in expected] == list(range(1, 41))
     # 2. resume; SIGTERM (preemption) after its next checkpoint: it saves where it is and exits cleanly
     proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(1), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    _wait_for_checkpoint(proc, work, first)
+    second = _wait_for_checkpoint(proc, work, first)
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err[-3000:]
-    assert "resumed from" in out
+    assert "resumed from" in out and "SIGTERM: saved checkpoint" in out, out
+    stopped_at = int(out.split("SIGTERM: saved checkpoint ")[1].split(",")[0])
+    assert second <= stopped_at < 40 and os.path.isdir(os.path.join(work, "checkpoints", str(stopped_at)))
     # 3. resume to the end
     proc3 = _train([f"workdir={work}", *args])
     assert "resumed from" in proc3.stdout
@@ -265,4 +266,5 @@ def test_flops_per_token_counts_every_matmul_weight(preset):
 
 def jax_leaves_with_path(tree):
     import jax
-    return [("/".join(str(getattr(k, "key", k)) for k in p), s) for p, s in jax.tree_util.tree_flatten_with_path(tree)[0]]
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return [("/".join(str(getattr(k, "key", k)) for k in p), s) for p, s in leaves]
