@@ -35,11 +35,14 @@ def main(argv=None):
 
     distributed.initialize_from_args(args)
 
-    from llama_jax import trainer
+    from llama_jax import checkpoint, config, data, sharding, sources, tokenizer, trainer
     from llama_jax.run_checkpoint import CheckpointError
+    # Errors about the user's inputs (paths, configs, data, checkpoints) end the run with one line.
+    user_errors = (trainer.TrainError, CheckpointError, checkpoint.CheckpointError, config.ConfigError,
+                   data.DataError, sharding.MeshError, sources.ConversionError, tokenizer.TokenizerError)
     try:
         trainer.train(cfg, progress=not args.no_progress)
-    except (trainer.TrainError, CheckpointError) as e:
+    except user_errors as e:
         sys.exit(f"error: {e}")
 
 
