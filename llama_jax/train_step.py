@@ -264,10 +264,13 @@ def make_train_step(config: LlamaConfig, optimizer: optax.GradientTransformation
             init = (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32), zeros)
             (ce_sum, weight_sum, grads), _ = jax.lax.scan(body, init, _micro_batches(batch, accum_steps))
         denom = jnp.maximum(weight_sum, 1.0)
-        grads = jax.tree.map(lambda g, p: (g / denom).astype(p.dtype), grads, state.params)
+        grads = jax.tree.map(lambda g: g.astype(jnp.float32) / denom, grads)
+        # The norm in float32 even when the params (and so the update) are bf16.
+        grad_norm = jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g in jax.tree.leaves(grads)))
+        grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, state.params)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        metrics = {"loss": ce_sum / denom, "grad_norm": optax.tree.norm(grads), "tokens": weight_sum}
+        metrics = {"loss": ce_sum / denom, "grad_norm": grad_norm, "tokens": weight_sum}
         if schedule is not None:
             metrics["learning_rate"] = jnp.asarray(schedule(state.step), jnp.float32)
         new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state, frozen=state.frozen)
