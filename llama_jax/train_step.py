@@ -166,8 +166,18 @@ def split_batch(batch: Batch) -> dict:
         weights = (segment_ids != 0).astype(jnp.float32)
     else:
         weights = jnp.ones(targets.shape, jnp.float32)
-    return dict(inputs=inputs, targets=targets, positions=batch.get("positions"), segment_ids=segment_ids,
-                loss_mask=weights)
+    out = dict(inputs=inputs, targets=targets, positions=batch.get("positions"), segment_ids=segment_ids,
+               loss_mask=weights)
+    for name, x in out.items():
+        if x is not None and x.shape != inputs.shape:
+            raise ValueError(f"batch: '{name}' has shape {tuple(x.shape)}, expected {tuple(inputs.shape)} like the "
+                             "model inputs (with 'tokens' [B, T+1] the other arrays are [B, T])")
+    return out
+
+
+def _mean(total, weight):
+    """total / weight, and 0 for a batch with no weighted token (rather than NaN)."""
+    return jnp.where(weight > 0, total / jnp.where(weight > 0, weight, 1.0), 0.0)
 
 
 def cross_entropy_sum(logits: jax.Array, targets: jax.Array, weights: jax.Array):
@@ -184,7 +194,7 @@ def loss_fn(params, batch: Batch, config: LlamaConfig):
     logits = Llama(config).apply({"params": params}, b["inputs"], positions=b["positions"],
                                  segment_ids=b["segment_ids"])  # [B, T, V] float32
     ce_sum, weight_sum = cross_entropy_sum(logits, b["targets"], b["loss_mask"])
-    return ce_sum / jnp.maximum(weight_sum, 1.0), (ce_sum, weight_sum)
+    return _mean(ce_sum, weight_sum), (ce_sum, weight_sum)
 
 
 # ---------------------------------------------------------------------------------------------- steps
@@ -263,14 +273,13 @@ def make_train_step(config: LlamaConfig, optimizer: optax.GradientTransformation
             zeros = jax.lax.with_sharding_constraint(zeros, shardings.params)
             init = (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32), zeros)
             (ce_sum, weight_sum, grads), _ = jax.lax.scan(body, init, _micro_batches(batch, accum_steps))
-        denom = jnp.maximum(weight_sum, 1.0)
-        grads = jax.tree.map(lambda g: g.astype(jnp.float32) / denom, grads)
+        grads = jax.tree.map(lambda g: _mean(g.astype(jnp.float32), weight_sum), grads)
         # The norm in float32 even when the params (and so the update) are bf16.
         grad_norm = jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g in jax.tree.leaves(grads)))
         grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, state.params)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        metrics = {"loss": ce_sum / denom, "grad_norm": grad_norm, "tokens": weight_sum}
+        metrics = {"loss": _mean(ce_sum, weight_sum), "grad_norm": grad_norm, "tokens": weight_sum}
         if schedule is not None:
             metrics["learning_rate"] = jnp.asarray(schedule(state.step), jnp.float32)
         new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state, frozen=state.frozen)
@@ -288,7 +297,7 @@ def make_eval_step(config: LlamaConfig, mesh: Mesh, rules=DEFAULT_RULES, *, para
 
     def step(params, frozen, batch):
         _, (ce_sum, weight_sum) = loss_fn(combine(params, frozen), batch, config)
-        return {"loss": ce_sum / jnp.maximum(weight_sum, 1.0), "tokens": weight_sum}
+        return {"loss": _mean(ce_sum, weight_sum), "tokens": weight_sum}
 
     jitted = jax.jit(step, in_shardings=(params_shardings, frozen_shardings, batch_sharding(mesh, rules)),
                      out_shardings=replicated(mesh))

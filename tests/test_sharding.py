@@ -260,3 +260,19 @@ def test_sharded_init_equals_unsharded_init(params0):
     jax.tree.map(lambda x, s: x.sharding.is_equivalent_to(s, x.ndim) or pytest.fail(f"{x.sharding} != {s}"),
                  params, want)
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(params), params0)
+
+
+def test_loss_batch_forms_and_errors(params0):
+    """`tokens` [B, T+1] is the same as inputs/targets; an all-masked batch has loss 0, not NaN; arrays of
+    the wrong shape are named."""
+    tokens = np.random.RandomState(3).randint(0, CFG.vocab_size, (2, 9)).astype(np.int32)
+    loss = jax.jit(lambda p, b: ts.loss_fn(p, b, CFG)[0])
+    a = loss(params0, {"tokens": tokens})
+    b = loss(params0, {"inputs": tokens[:, :-1], "targets": tokens[:, 1:]})
+    assert float(a) == float(b) and float(a) > 0
+    masked = loss(params0, {"tokens": tokens, "loss_mask": np.zeros((2, 8), np.float32)})
+    assert float(masked) == 0.0
+    with pytest.raises(ValueError, match="'segment_ids' has shape \\(2, 9\\), expected \\(2, 8\\)"):
+        loss(params0, {"tokens": tokens, "segment_ids": np.ones((2, 9), np.int32)})
+    with pytest.raises(KeyError, match="needs 'inputs' and 'targets'"):
+        loss(params0, {"input_ids": tokens})
