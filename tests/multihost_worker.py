@@ -32,13 +32,28 @@ def main():
     rows = distributed.process_batch_rows(mesh, global_size)
     # Each process hands over only its own rows; the global arrays are assembled across processes.
     feeds = [distributed.global_batch({k: v[rows] for k, v in b.items()}, mesh, global_size) for b in batches]
-    losses = run_steps(mesh, feeds)
+    losses, params = run_steps(mesh, feeds)
+
+    # A checkpoint written collectively: each process writes the shards its devices hold.
+    import numpy as np
+    import orbax.checkpoint as ocp
+    from jax.experimental import multihost_utils
+    from llama_jax import checkpoint
+    from multihost_common import CONFIG
+
+    ckpt_dir = out + ".ckpt"
+    with ocp.StandardCheckpointer() as ckptr:
+        ckptr.save(os.path.join(ckpt_dir, checkpoint.PARAMS_DIR), params)
+    # What the processes held, gathered, for the test to compare the restored checkpoint with.
+    full = multihost_utils.process_allgather(params, tiled=True)
     if distributed.is_main_process():
-        with open(out, "w") as f:
-            json.dump({"losses": losses, "rows": rows.tolist()}, f)
-    else:
-        with open(out + f".{process_id}", "w") as f:
-            json.dump({"losses": losses, "rows": rows.tolist()}, f)
+        checkpoint.write_metadata(ckpt_dir, CONFIG, "float32")
+        flat = {"/".join(str(k.key) for k in p): np.asarray(v)
+                for p, v in jax.tree_util.tree_flatten_with_path(full)[0]}
+        np.savez(out + ".params.npz", **flat)
+    multihost_utils.sync_global_devices("worker done")
+    with open(out + ("" if distributed.is_main_process() else f".{process_id}"), "w") as f:
+        json.dump({"losses": losses, "rows": rows.tolist()}, f)
     jax.distributed.shutdown()
 
 

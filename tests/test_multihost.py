@@ -1,5 +1,6 @@
 """Two processes of 4 fake CPU devices each, joined by jax.distributed on 127.0.0.1 (gloo collectives), each
-feeding only its rows of the global batch, train with the same losses as one process of 8 devices."""
+feeding only its rows of the global batch, train with the same losses as one process of 8 devices, and write
+one checkpoint together that restores here onto another mesh."""
 
 import json
 import os
@@ -8,6 +9,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 from multihost_common import MESH, make_batches, run_steps
 from llama_jax.sharding import make_mesh
@@ -57,13 +59,36 @@ def _run_two_processes(tmp_path):
 
 
 def test_two_processes_train_like_one(tmp_path):
+    import jax
+
+    from llama_jax import load
+    from llama_jax.sharding import param_shardings
+
     main, other = _run_two_processes(tmp_path)
     # Each process loaded only its half of every global batch.
     assert main["rows"] == [0, 1, 2, 3] and other["rows"] == [4, 5, 6, 7]
-    reference = run_steps(make_mesh(*MESH), make_batches())  # this process: 8 devices
+    reference, ref_params = run_steps(make_mesh(*MESH), make_batches())  # this process: 8 devices
     np.testing.assert_allclose(main["losses"], reference, rtol=1e-5)
     np.testing.assert_allclose(other["losses"], reference, rtol=1e-5)
     assert len(set(np.round(reference, 4))) > 1  # the steps really changed the model
+
+    # The checkpoint both processes wrote restores onto a mesh of another shape, equal to what they held.
+    held = dict(np.load(tmp_path / "losses.json.params.npz"))
+    target = make_mesh(1, 8, 1)
+    cfg, restored = load(tmp_path / "losses.json.ckpt", mesh=target)
+    flat = {"/".join(str(k.key) for k in p): v for p, v in jax.tree_util.tree_flatten_with_path(restored)[0]}
+    assert sorted(flat) == sorted(held)
+    for name, value in flat.items():
+        np.testing.assert_array_equal(np.asarray(value), held[name], err_msg=name)
+    want = param_shardings(cfg, target)
+    jax.tree.map(lambda x, s: x.sharding.is_equivalent_to(s, x.ndim) or pytest.fail(f"{x.sharding} != {s}"),
+                 restored, want)
+    # ... and equal to the single-process run's parameters.
+    ref = {"/".join(str(k.key) for k in p): np.asarray(v)
+           for p, v in jax.tree_util.tree_flatten_with_path(jax.device_get(ref_params))[0]}
+    for name, value in ref.items():
+        err = np.max(np.abs(held[name] - value)) / np.max(np.abs(value))
+        assert err <= 1e-5, f"{name}: two processes vs one differ by {err:.1e} (relative)"
 
 
 def test_initialize_flags_and_single_process_batches():
