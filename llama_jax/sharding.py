@@ -3,6 +3,13 @@
 Parameters and activations carry logical axis names ("embed", "heads", ...); `DEFAULT_RULES` maps them to
 the mesh axes ("data", "fsdp", "tensor"). Changing parallelism means changing the mesh shape or the rules,
 never the model.
+
+    make_mesh(data, fsdp, tensor)      the mesh over all devices of all processes (tensor innermost)
+    make_rules({...})                  the rules with overrides (e.g. from a run config)
+    param_shardings / param_specs      where each parameter lives (param_specs also for a mesh you lack)
+    param_bytes_per_device             planned parameter bytes per device; device_bytes measures them
+    batch_sharding, replicated         shardings for input batches / activations and for scalars
+    init_sharded_params, use_mesh      parameters created in place; the context the model traces in
 """
 
 from __future__ import annotations
@@ -133,6 +140,16 @@ def batch_sharding(mesh: Mesh, rules=DEFAULT_RULES, axes: Sequence[Optional[str]
     array of a batch dict (as a jit in_shardings prefix). `shape` entries of None skip the divisibility check."""
     shape = tuple(shape) if shape is not None else (None,) * len(axes)
     return NamedSharding(mesh, logical_to_spec(tuple(axes), shape, mesh, rules, "batch"))
+
+
+def check_batch_size(batch_size: int, mesh: Mesh, rules=DEFAULT_RULES, what: str = "batch") -> None:
+    """MeshError unless `batch_size` splits evenly over the mesh axes the batch is sharded on."""
+    target = dict(rules).get("batch")
+    axes = () if target is None else ((target,) if isinstance(target, str) else tuple(target))
+    size = math.prod(_axis_sizes(mesh).get(a, 1) for a in axes)
+    if batch_size % size:
+        raise MeshError(f"{what}: batch size {batch_size} is not a multiple of {'×'.join(axes)} = {size} devices "
+                        f"(each device must get the same number of rows)")
 
 
 def param_shardings(config: LlamaConfig, mesh: Mesh, rules=DEFAULT_RULES) -> dict:

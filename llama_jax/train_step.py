@@ -34,7 +34,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from llama_jax.config import LlamaConfig
 from llama_jax.model import Llama
-from llama_jax.sharding import (DEFAULT_RULES, batch_sharding, param_shardings, replicated, use_mesh)
+from llama_jax.sharding import (DEFAULT_RULES, batch_sharding, check_batch_size, param_shardings, replicated,
+                                use_mesh)
 
 Batch = Mapping[str, jax.Array]
 
@@ -216,10 +217,14 @@ class MeshFunction:
     activation constraints need the mesh and rules in context; `jax.set_mesh` cannot be entered under jit).
     `.jitted` is the underlying jax.jit object; `.lower(...)` lowers it in the mesh context."""
 
-    def __init__(self, jitted, mesh: Mesh, rules):
-        self.jitted, self.mesh, self.rules = jitted, mesh, rules
+    def __init__(self, jitted, mesh: Mesh, rules, batch_arg: Optional[int] = None):
+        self.jitted, self.mesh, self.rules, self.batch_arg = jitted, mesh, rules, batch_arg
 
     def __call__(self, *args):
+        if self.batch_arg is not None:  # a clear error instead of jax's about uneven shardings
+            for name, x in args[self.batch_arg].items():
+                if x is not None:
+                    check_batch_size(x.shape[0], self.mesh, self.rules, f"batch['{name}']")
         with use_mesh(self.mesh, self.rules):
             return self.jitted(*args)
 
@@ -287,7 +292,7 @@ def make_train_step(config: LlamaConfig, optimizer: optax.GradientTransformation
 
     jitted = jax.jit(step, in_shardings=(shardings, data_sharding), out_shardings=(shardings, replicated(mesh)),
                      donate_argnums=(0,) if donate else ())
-    return MeshFunction(jitted, mesh, rules)
+    return MeshFunction(jitted, mesh, rules, batch_arg=1)
 
 
 def make_eval_step(config: LlamaConfig, mesh: Mesh, rules=DEFAULT_RULES, *, params_shardings=None,
@@ -301,7 +306,7 @@ def make_eval_step(config: LlamaConfig, mesh: Mesh, rules=DEFAULT_RULES, *, para
 
     jitted = jax.jit(step, in_shardings=(params_shardings, frozen_shardings, batch_sharding(mesh, rules)),
                      out_shardings=replicated(mesh))
-    return MeshFunction(jitted, mesh, rules)
+    return MeshFunction(jitted, mesh, rules, batch_arg=2)
 
 
 def make_forward(config: LlamaConfig, mesh: Mesh, rules=DEFAULT_RULES, *, params_shardings=None) -> MeshFunction:
@@ -317,4 +322,4 @@ def make_forward(config: LlamaConfig, mesh: Mesh, rules=DEFAULT_RULES, *, params
                                    segment_ids=batch.get("segment_ids"))
 
     jitted = jax.jit(forward, in_shardings=(params_shardings, data_sharding), out_shardings=logits_sharding)
-    return MeshFunction(jitted, mesh, rules)
+    return MeshFunction(jitted, mesh, rules, batch_arg=1)

@@ -187,6 +187,9 @@ def test_bad_rules_and_mesh_sizes_are_clear_errors():
         make_rules({"vocab": "model"})
     with pytest.raises(MeshError, match="8 devices"):
         make_mesh(data=3, fsdp=-1)
+    # A batch that does not split evenly over data×fsdp is refused before tracing.
+    with pytest.raises(MeshError, match="batch size 12 is not a multiple of data×fsdp = 8"):
+        ts.make_forward(CFG, make_mesh(2, 4, 1))(None, {"inputs": np.zeros((12, 16), np.int32)})
 
 
 @pytest.mark.parametrize("shape", [(1, 8, 1), (1, 4, 2), (2, 2, 2)])
