@@ -27,7 +27,7 @@ import os
 import re
 import sys
 import tempfile
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -408,9 +408,13 @@ def format_train(r: TrainReport) -> str:
              f"({r.topology.chips} chips, {len(r.topology.devices)} devices)",
              f"  mesh {r.mesh_shape}, batch {r.batch_size} x {r.seq_len} tokens, grad_accum {r.grad_accum}"]
     lines += format_compiled(r.compiled, r.topology.hbm_bytes)
-    t = r.step_time(0.4)
-    lines += [f"  FLOPs per step (analytic, for MFU): {r.flops_per_step:.3e}; at 40% MFU a step takes "
-              f"{f'{t:.2f} s' if t >= 1 else f'{t * 1e3:.2f} ms'} ({r.batch_size * r.seq_len / r.step_time(0.4):,.0f} tokens/s)",
+    def at(mfu):
+        t = r.step_time(mfu)
+        return (f"{f'{t:.2f} s' if t >= 1 else f'{t * 1e3:.2f} ms'} "
+                f"({r.batch_size * r.seq_len / t / len(r.topology.devices):,.0f} tokens/s per device)")
+
+    lines += [f"  FLOPs per step (analytic, for MFU): {r.flops_per_step:.3e}; a step takes {at(0.4)} at 40% MFU, "
+              f"{at(0.6)} at 60%",
               f"  XLA cost analysis (each loop body once): {xla:.3e} vs analytic {expected:.3e} for one layer "
               f"and one micro-batch ({100 * (xla / expected - 1):+.1f}%)"]
     gathers = weight_gathers_over_tensor(r.compiled.collectives, r.config, r.mesh_shape)
