@@ -23,9 +23,9 @@ def make_batches():
 def run_steps(mesh, batches):
     """Train STEPS steps from a fixed init; returns (losses as floats, final params)."""
     schedule = ts.make_schedule(1e-2, 1, STEPS)
-    # eps 1e-5: Adam's early steps are ~ g / |g|, which would magnify float-summation-order noise in
-    # near-zero gradients when the final parameters are compared (see tests/test_sharding.py).
-    optimizer = ts.make_optimizer(schedule, eps=1e-5)
+    # eps 1e-3: Adam's early steps are ~ g / |g|, which would magnify float-summation-order noise in
+    # near-zero gradients when the final parameters are compared (see EPS in tests/test_sharding.py).
+    optimizer = ts.make_optimizer(schedule, eps=1e-3)
     shardings = ts.state_shardings(CONFIG, optimizer, mesh)
     state = ts.init_train_state(init_sharded_params(CONFIG, mesh, jax.random.PRNGKey(0)), optimizer, shardings)
     step = ts.make_train_step(CONFIG, optimizer, mesh, shardings=shardings, schedule=schedule)
