@@ -27,6 +27,9 @@ def main():
     assert jax.device_count() == 4 * num_processes and jax.local_device_count() == 4, jax.devices()
     from llama_jax.sharding import make_mesh
     mesh = make_mesh(*MESH)
+    # tensor is the innermost axis: each tensor-parallel group lies within one process (host).
+    for group in mesh.devices.reshape(-1, mesh.shape["tensor"]):
+        assert len({d.process_index for d in group}) == 1, mesh.devices
     batches = make_batches()
     global_size = batches[0]["tokens"].shape[0]
     rows = distributed.process_batch_rows(mesh, global_size)
