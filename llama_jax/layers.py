@@ -53,7 +53,10 @@ class Embedding(nn.Module):
                                          dtype_of(cfg.param_dtype), ("vocab", "embed"))
 
     def __call__(self, tokens: jnp.ndarray) -> jnp.ndarray:  # [B, T] -> [B, T, D]
-        return jnp.take(self.embedding, tokens, axis=0).astype(dtype_of(self.config.dtype))
+        # Gather the fsdp-split embed dimension first: a gather from a table split on both axes makes the
+        # SPMD partitioner replicate the whole table ("involuntary full rematerialization").
+        table = nn.with_logical_constraint(self.embedding, ("vocab", None))
+        return jnp.take(table, tokens, axis=0).astype(dtype_of(self.config.dtype))
 
     def attend(self, x: jnp.ndarray) -> jnp.ndarray:  # [B, T, D] -> [B, T, V] float32
         emb = self.embedding.astype(dtype_of(self.config.dtype))
