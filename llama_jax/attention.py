@@ -55,7 +55,8 @@ class Attention(nn.Module):
     @nn.compact
     def __call__(self, x, cos, sin, mask, cache: Optional[KVCache] = None, cache_index=None):
         """x [B, T, D]; cos/sin [B, T, H/2]; mask [B, T, S]. With a cache, the new keys/values are written at
-        `cache_index` and attention runs over the whole cache. Returns (y [B, T, D], updated cache or None)."""
+        `cache_index` and attention runs over the whole cache. Returns (y [B, T, D], the new keys/values
+        {"k", "v"} [B, T, K, H] to write at cache_index, or None without a cache)."""
         cfg = self.config
         dt, pdt = dtype_of(cfg.dtype), dtype_of(cfg.param_dtype)
         d, n, kvh, h = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
@@ -70,14 +71,15 @@ class Attention(nn.Module):
         v = jnp.einsum("BTD,DKH->BTKH", x, wv)
         q = nn.with_logical_constraint(q, ("batch", "length", "act_heads", "head_dim"))
 
-        new_cache = None
+        new_kv = None
         if cache is not None:
+            # Return only the T new keys/values; the caller writes them into the stacked cache once, so
+            # the cache is updated in place instead of being rebuilt as a second copy by the layer scan.
+            new_kv = {"k": k.astype(cache["k"].dtype), "v": v.astype(cache["v"].dtype)}
             zero = jnp.zeros((), jnp.int32)
             start = (zero, jnp.asarray(cache_index, jnp.int32), zero, zero)
-            k = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), start)
-            v = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), start)
-            new_cache = {"k": k, "v": v}
-            k, v = k.astype(dt), v.astype(dt)
+            k = jax.lax.dynamic_update_slice(cache["k"], new_kv["k"], start).astype(dt)  # [B, S, K, H]
+            v = jax.lax.dynamic_update_slice(cache["v"], new_kv["v"], start).astype(dt)
 
         out = dot_product_attention(q, k, v, mask, cfg)  # [B, T, N, H]
-        return jnp.einsum("BTNH,NHD->BTD", out, wo), new_cache
+        return jnp.einsum("BTNH,NHD->BTD", out, wo), new_kv

@@ -37,19 +37,19 @@ _REMAT_POLICIES = {
 
 
 class Block(nn.Module):
-    """One pre-norm decoder block; written for nn.scan: (carry x, per-layer cache) -> (x, new cache)."""
+    """One pre-norm decoder block; written for nn.scan: (carry x, per-layer cache) -> (x, the new k/v)."""
 
     config: LlamaConfig
 
     @nn.compact
     def __call__(self, x, layer_cache, cos, sin, mask, cache_index):
         cfg = self.config
-        h, new_cache = Attention(cfg, name="attn")(RMSNorm(cfg, name="attn_norm")(x), cos, sin, mask,
-                                                   layer_cache, cache_index)
+        h, new_kv = Attention(cfg, name="attn")(RMSNorm(cfg, name="attn_norm")(x), cos, sin, mask,
+                                                layer_cache, cache_index)
         x = x + h
         x = x + MLP(cfg, name="mlp")(RMSNorm(cfg, name="mlp_norm")(x))
         x = nn.with_logical_constraint(x, ("batch", "length", "act_embed"))
-        return x, new_cache
+        return x, new_kv
 
 
 def _block_class(config: LlamaConfig):
@@ -95,7 +95,11 @@ class Llama(nn.Module):
             _block_class(cfg), variable_axes={"params": 0}, split_rngs={"params": True},
             in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
             length=cfg.num_layers, metadata_params={nn.PARTITION_NAME: "layers"})
-        x, new_cache = stack(cfg, name="layers")(x, cache, cos, sin, mask, cache_index)
+        x, new_kv = stack(cfg, name="layers")(x, cache, cos, sin, mask, cache_index)  # new_kv [L, B, T, K, H]
+        new_cache = None
+        if cache is not None:
+            start = (0, 0, jnp.asarray(cache_index, jnp.int32), 0, 0)
+            new_cache = {name: jax.lax.dynamic_update_slice(cache[name], new_kv[name], start) for name in cache}
         x = RMSNorm(cfg, name="final_norm")(x)
 
         if logits_at is not None:

@@ -75,10 +75,23 @@ def test_collectives_follow_the_mesh(report):
     assert by.get(("all-reduce", ("tensor",)), 0) > 0  # row-parallel outputs (o, down) summed over tensor
     assert not any(k == "all-gather" and "data" in a for k, a in by)  # data=1: nothing on a size-1 axis
     gathers = aot.weight_gathers_over_tensor(c.collectives, cfg, report.mesh_shape)
-    # The detector is live: it sees the embedding *lookup* gather its vocab-split table (docs/TPU.md).
-    assert "embed/embedding" in {name for name, _ in gathers}
-    bad = [(name, col.shape) for name, col in gathers if name != "embed/embedding"]
-    assert not bad, bad
+    assert not gathers, [(name, col.shape) for name, col in gathers]
+
+
+def test_weight_gather_detector_is_live(report):
+    """The check above can fail: a program that un-splits one layer's MLP weight over tensor is caught."""
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    cfg = report.config
+    topo = aot.get_topology(TOPOLOGY)
+    mesh = aot.topology_mesh(topo, data=1, fsdp=2, tensor=2)
+    weight = jax.ShapeDtypeStruct((cfg.hidden_size, cfg.intermediate_size), jax.numpy.bfloat16,
+                                  sharding=NamedSharding(mesh, P(None, "tensor")))
+    gather = jax.jit(lambda w: w * 2, out_shardings=NamedSharding(mesh, P()))
+    c = aot.compile_and_analyze("gather", gather, [weight], {}, mesh)
+    names = {name for name, _ in aot.weight_gathers_over_tensor(c.collectives, cfg, report.mesh_shape)}
+    # the detector matches by shape, so a [D, F] gate/up slice and a [F, D] down slice look alike
+    assert names & {"layers/mlp/gate", "layers/mlp/up", "layers/mlp/down"}, names
 
 
 def test_bad_topology_and_mesh_are_clear_errors():
