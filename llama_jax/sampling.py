@@ -278,12 +278,24 @@ def generate_ids(params, config: LlamaConfig, prompts: Sequence[Sequence[int]], 
 
 
 # ---- the notebook / CLI API ------------------------------------------------------------------------------
+def decode_continuation(tokenizer, prefix: Sequence[int], new_ids: Sequence[int]) -> str:
+    """The text of `new_ids` as it reads after `prefix`. SentencePiece drops a leading space when a piece
+    starts the decoded text ("▁file" alone decodes to "file"), so decode prefix + new and remove the prefix."""
+    if not prefix:
+        return tokenizer.decode(list(new_ids))
+    head = tokenizer.decode(list(prefix))
+    text = tokenizer.decode(list(prefix) + list(new_ids))
+    return text[len(head):] if text.startswith(head) else tokenizer.decode(list(new_ids))
+
+
 class TextStream:
     """Turns streamed token ids of one row into text pieces for `write` (decoding the whole row each time so
     SentencePiece spaces and multi-byte characters come out right; a trailing partial character waits)."""
 
-    def __init__(self, tokenizer, write: Callable[[str], None], stop_ids: Sequence[int]):
+    def __init__(self, tokenizer, write: Callable[[str], None], stop_ids: Sequence[int],
+                 prefix: Sequence[int] = ()):
         self.tokenizer, self.write, self.stop_ids = tokenizer, write, set(stop_ids)
+        self.prefix = list(prefix)  # context tokens decoded with the row, so its first space survives
         self.ids: List[int] = []
         self.pending: dict = {}
         self.next_step, self.printed, self.finished = 0, "", False
@@ -300,7 +312,7 @@ class TextStream:
             self._flush(final=False)
 
     def _flush(self, final: bool) -> None:
-        text = self.tokenizer.decode(self.ids)
+        text = decode_continuation(self.tokenizer, self.prefix, self.ids)
         if not final and text.endswith("\ufffd"):
             return
         if text.startswith(self.printed):
@@ -372,15 +384,16 @@ class Sampler:
 
     def generate_ids(self, prompt_ids: Sequence[Sequence[int]], max_new_tokens: int = 64, temperature: float = 0.8,
                      top_k: Optional[int] = None, top_p: Optional[float] = 0.95, seed: int = 0,
-                     stream: Optional[Callable[[str], None]] = None) -> List[List[int]]:
+                     stream: Optional[Callable[[str], None]] = None,
+                     stream_prefix: Sequence[int] = ()) -> List[List[int]]:
         """Token-id prompts -> the new token ids of each (stop token excluded). `stream(text)` receives the
-        text as it is generated (one prompt only)."""
+        text as it is generated (one prompt only), decoded as it reads after `stream_prefix`."""
         strategy = make_strategy(temperature, top_k, top_p)
         on_token = None
         if stream is not None:
             if len(prompt_ids) != 1:
                 raise ValueError(f"streaming works with one prompt; got {len(prompt_ids)}")
-            on_token = TextStream(self.tokenizer, stream, self.stop_ids)
+            on_token = TextStream(self.tokenizer, stream, self.stop_ids, prefix=stream_prefix)
         out = generate_ids(self.params, self.config, prompt_ids, max_new_tokens=max_new_tokens, strategy=strategy,
                            seed=seed, stop_ids=self.stop_ids, mesh=self.mesh, on_token=on_token)
         if on_token is not None:
@@ -397,8 +410,9 @@ class Sampler:
         if not texts:
             raise ValueError("generate: no prompts given")
         ids = [self.encode(t) for t in texts]
-        out = self.generate_ids(ids, max_new_tokens, temperature, top_k, top_p, seed, stream)
-        completions = [self.tokenizer.decode(o) for o in out]
+        # the prompt's last token is decoded with the completion so a leading space is kept
+        out = self.generate_ids(ids, max_new_tokens, temperature, top_k, top_p, seed, stream, ids[0][-1:])
+        completions = [decode_continuation(self.tokenizer, i[-1:], o) for i, o in zip(ids, out)]
         return completions[0] if single else completions
 
     def chat(self, messages, max_new_tokens: int = 256, temperature: float = 0.6, top_k: Optional[int] = None,

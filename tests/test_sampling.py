@@ -15,8 +15,8 @@ from hf_util import make_hf_model
 from llama_jax import Llama, LlamaConfig, Sampler, init_params
 from llama_jax.layout import hf_entries, hf_to_ours
 from llama_jax.quantize import QArray, quantize_params, tree_bytes
-from llama_jax.sampling import (Greedy, Sample, Temperature, TopK, TopP, _generate, bucket, generate_ids,
-                                make_strategy)
+from llama_jax.sampling import (Greedy, Sample, Temperature, TopK, TopP, _generate, bucket, decode_continuation,
+                                generate_ids, make_strategy)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROMPTS = [[1, 5, 9, 200, 3, 17, 44], [1, 7], [1, 30, 31, 32, 33]]
@@ -208,7 +208,9 @@ def test_sampler_api(tiny_hf_dir):
     texts = sampler.generate(["the quick fox", "a cat"], max_new_tokens=8, temperature=0)
     assert len(texts) == 2 and all(isinstance(t, str) for t in texts)
     ids = [sampler.encode("the quick fox"), sampler.encode("a cat")]
-    assert [sampler.tokenizer.decode(o) for o in sampler.generate_ids(ids, 8, temperature=0)] == texts
+    out = sampler.generate_ids(ids, 8, temperature=0)
+    # completions are decoded as they read after the prompt (a leading space is kept)
+    assert [decode_continuation(sampler.tokenizer, i[-1:], o) for i, o in zip(ids, out)] == texts
     pieces = []
     streamed = sampler.generate("the quick fox", max_new_tokens=8, temperature=0, stream=pieces.append)
     assert "".join(pieces) == streamed == texts[0] and len(pieces) > 1

@@ -217,3 +217,20 @@ def test_checkpoint_files_add_template_and_stop_ids(bpe_dir, tmp_path):
     assert tok.encode_chat(CHAT) == ref.encode_chat(CHAT)
     long = "ab " * 20 + "x" * 30000 + " " * 30000 + "end"  # runs longer than tiktoken's safe length
     assert ref.decode(ref.encode(long, bos=False)) == long
+
+
+def test_continuation_keeps_its_leading_space(sp_dir):
+    """A completion decoded alone loses SentencePiece's leading space ("▁fox" -> "fox"); decoded after the
+    prompt's last token it reads "The quick" + " brown fox", for the returned text and the streamed text."""
+    from llama_jax.sampling import TextStream, decode_continuation
+
+    tok = load_tokenizer(sp_dir)
+    prompt, new = tok.encode("The quick"), tok.encode("brown fox", bos=False)
+    assert not tok.decode(new).startswith(" ")  # the failure this guards against
+    assert decode_continuation(tok, prompt[-1:], new) == " brown fox"
+    pieces = []
+    stream = TextStream(tok, pieces.append, stop_ids=[tok.eos_id], prefix=prompt[-1:])
+    for step, token in enumerate(new + [tok.eos_id]):
+        stream(step, [token], [False])
+    stream.close()
+    assert "".join(pieces) == " brown fox"
