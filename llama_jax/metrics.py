@@ -73,6 +73,8 @@ class MetricsLogger:
             from tqdm import tqdm
             self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True)
         self._bar_values: Dict[str, str] = {}
+        # Without a bar (logs, --no_progress) about 20 plain lines per run say how it goes.
+        self.print_every = max(1, total_steps // 20)
 
     def log(self, step: int, values: Dict[str, float]) -> None:
         if not self.enabled:
@@ -86,12 +88,13 @@ class MetricsLogger:
             for k, v in clean.items():
                 if isinstance(v, float) and math.isfinite(v):
                     self.tb.add_scalar(f"train/{k}" if not k.startswith("eval") else k.replace("_", "/", 1), v, step)
+        shown = {k: fmt.format(clean[key]) for k, fmt in _BAR
+                 for key in [{"tok/s": "tokens_per_s"}.get(k, k)] if isinstance(clean.get(key), float)}
         if self.bar is not None:
-            for k, fmt in _BAR:
-                key = {"tok/s": "tokens_per_s"}.get(k, k)
-                if key in clean and isinstance(clean[key], float):
-                    self._bar_values[k] = fmt.format(clean[key])
+            self._bar_values.update(shown)
             self.bar.set_postfix(self._bar_values, refresh=False)
+        elif shown and (step % self.print_every == 0 or "eval_loss" in clean):
+            print(f"step {step}: " + ", ".join(f"{k} {v}" for k, v in shown.items()), flush=True)
 
     def advance(self, step: int) -> None:
         """Move the bar to `step` (called every step, logged or not)."""

@@ -268,3 +268,17 @@ def jax_leaves_with_path(tree):
     import jax
     leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
     return [("/".join(str(getattr(k, "key", k)) for k in p), s) for p, s in leaves]
+
+
+def test_metrics_without_a_progress_bar_print_plain_lines(tmp_path, capsys):
+    from llama_jax.metrics import MetricsLogger
+
+    log = MetricsLogger(str(tmp_path), total_steps=40, progress=False, tensorboard=False)
+    for step in range(1, 41):
+        log.log(step, {"loss": 5.0 - step / 100, "tokens_per_s": 1000.0})
+    log.log(40, {"eval_loss": 4.5})
+    log.close()
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "step 2: loss 4.980, tok/s 1000" and len(lines) == 21
+    assert lines[-1] == "step 40: eval_loss 4.500"
+    assert len(read_jsonl(str(tmp_path / "metrics.jsonl"))) == 41
