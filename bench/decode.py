@@ -78,7 +78,7 @@ def main():
     p.add_argument("--new", type=int, default=128, help="new tokens per row")
     p.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     p.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--bw-gib", type=float, default=1.0, help="array size for the bandwidth measurement")
     p.add_argument("--no-hf", action="store_true", help="skip transformers")
     args = p.parse_args()
