@@ -23,7 +23,7 @@ import jax.numpy as jnp
 
 from llama_jax.attention import Attention, cache_mask, causal_mask
 from llama_jax.config import LlamaConfig
-from llama_jax.layers import MLP, Embedding, RMSNorm, dtype_of, kernel_init, param_with_axes
+from llama_jax.layers import MLP, Embedding, RMSNorm, dense, dtype_of, kernel_init, param_with_axes
 from llama_jax.rope import rotary_tables
 
 PARAM_LAYOUT = "llama_jax/stacked-v1"
@@ -91,11 +91,14 @@ class Llama(nn.Module):
                 kv_mask = jnp.broadcast_to(jnp.arange(cache_len) < cache_index + length, (batch, cache_len))
             mask = cache_mask(cache_index, kv_mask, length)
 
-        stack = nn.scan(
-            _block_class(cfg), variable_axes={"params": 0}, split_rngs={"params": True},
-            in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
-            length=cfg.num_layers, metadata_params={nn.PARTITION_NAME: "layers"})
-        x, new_kv = stack(cfg, name="layers")(x, cache, cos, sin, mask, cache_index)  # new_kv [L, B, T, K, H]
+        if self.has_variable("params", "layers_0"):  # per-layer parameters: see `unstack_layers`
+            x, new_kv = self._unrolled_layers(x, cache, cos, sin, mask, cache_index)
+        else:
+            stack = nn.scan(
+                _block_class(cfg), variable_axes={"params": 0}, split_rngs={"params": True},
+                in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
+                length=cfg.num_layers, metadata_params={nn.PARTITION_NAME: "layers"})
+            x, new_kv = stack(cfg, name="layers")(x, cache, cos, sin, mask, cache_index)  # new_kv [L, B, T, K, H]
         new_cache = None
         if cache is not None:
             start = (0, 0, jnp.asarray(cache_index, jnp.int32), 0, 0)
@@ -109,10 +112,40 @@ class Llama(nn.Module):
         else:
             head = param_with_axes(self, "lm_head", kernel_init(cfg), (cfg.hidden_size, cfg.vocab_size),
                                    dtype_of(cfg.param_dtype), ("embed", "vocab"))
-            logits = jnp.einsum("BTD,DV->BTV", x, head.astype(dtype_of(cfg.dtype)),
-                                preferred_element_type=jnp.float32)
+            logits = dense(x, head.astype(dtype_of(cfg.dtype)), out_dtype=jnp.float32)  # BTD,DV->BTV
         logits = nn.with_logical_constraint(logits, ("batch", "length", "act_vocab"))
         return logits if cache is None else (logits, new_cache)
+
+    def _unrolled_layers(self, x, cache, cos, sin, mask, cache_index):
+        """The blocks one after another on per-layer parameters `layers_i` (see `unstack_layers`).
+        Returns (x, the new keys/values {"k", "v"} [L, B, T, K, H] or None without a cache)."""
+        cfg = self.config
+        new_kv = []
+        for i in range(cfg.num_layers):
+            layer_cache = None if cache is None else {"k": cache["k"][i], "v": cache["v"][i]}
+            x, kv = _block_class(cfg)(cfg, name=f"layers_{i}")(x, layer_cache, cos, sin, mask, cache_index)
+            new_kv.append(kv)
+        if cache is None:
+            return x, None
+        return x, {n: jnp.stack([kv[n] for kv in new_kv]) for n in ("k", "v")}
+
+
+def unstack_layers(params: dict) -> dict:
+    """The parameter tree with the stacked `layers` [L, ...] split into `layers_0` .. `layers_{L-1}`, one
+    buffer per layer; `Llama.apply` runs such a tree with a Python loop over the layers (same numbers).
+
+    For decoding: inside a compiled decode loop, the scanned model slices every layer's weights out of the
+    stacked arrays at every step, and XLA (on CPU at least) copies each slice before the matmul reads it,
+    about tripling the memory traffic of a step that should read each weight once. With one buffer per layer
+    the matmuls read the weights in place: `generate_ids(unstack_layers(params), config, ...)`. Training
+    keeps the stacked tree (one scanned block: compile time flat in depth)."""
+    if "layers" not in params:
+        raise KeyError(f"unstack_layers: expected a 'layers' entry (the stacked blocks); found {sorted(params)}")
+    depth = jax.tree.leaves(params["layers"])[0].shape[0]
+    out = {k: v for k, v in params.items() if k != "layers"}
+    for i in range(depth):
+        out[f"layers_{i}"] = jax.tree.map(lambda a, i=i: a[i], params["layers"])
+    return out
 
 
 def init_cache(config: LlamaConfig, batch: int, max_len: int, dtype=None) -> dict:

@@ -44,9 +44,9 @@ PRESETS = {
     "small": dict(vocab_size=2048, max_position_embeddings=512, rms_norm_eps=1e-5, rope_theta=10000.0,
                   bos_token_id=1, eos_token_id=(2,), **_shape(256, 704, 4, 8, 4)),
     "bench-20m": dict(vocab_size=8192, max_position_embeddings=2048, bos_token_id=1, eos_token_id=(2,),
-                      **_shape(384, 1024, 6, 6, 6)),
+                      **_shape(384, 1024, 8, 6, 6)),  # 20.4M parameters
     "bench-120m": dict(vocab_size=32000, max_position_embeddings=2048, bos_token_id=1, eos_token_id=(2,),
-                       **_shape(768, 2048, 12, 12, 12)),
+                       **_shape(768, 2048, 10, 12, 12)),  # 119.9M parameters
     "bench-135m": dict(vocab_size=49152, max_position_embeddings=2048, bos_token_id=1, eos_token_id=(2,),
                        tie_word_embeddings=True, **_shape(576, 1536, 30, 9, 3)),
 }

@@ -1,0 +1,118 @@
+"""The speed paths give the numbers of the plain formulas: hand-written backward passes (`layers.dense`,
+`layers.swiglu`, `attention._attend`) against autodiff, and per-layer parameters (`model.unstack_layers`)
+against the stacked model, with and without a KV cache and through the sampler."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from llama_jax import Llama, LlamaConfig, init_cache, init_params
+from llama_jax.attention import _attend
+from llama_jax.layers import dense, swiglu
+from llama_jax.model import unstack_layers
+
+
+def _grads(f, *args):
+    """Gradients of a random projection of f(*args), wrt every argument."""
+    probe = jax.random.normal(jax.random.PRNGKey(9), jax.eval_shape(f, *args).shape, jnp.float32)
+    return jax.grad(lambda *a: jnp.sum(f(*a).astype(jnp.float32) * probe), argnums=tuple(range(len(args))))(*args)
+
+
+def _close(got, want, atol=2e-6):
+    for g, w in zip(got, want):
+        assert g.dtype == w.dtype and g.shape == w.shape
+        np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(w, np.float32), atol=atol, rtol=1e-5)
+
+
+def _plain_attend(q, k, v, mask):
+    scores = jnp.einsum("BTKGH,BSKH->BKGTS", q, k, preferred_element_type=jnp.float32) * q.shape[-1] ** -0.5
+    scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
+    return jnp.einsum("BKGTS,BSKH->BTKGH", jax.nn.softmax(scores, axis=-1).astype(v.dtype), v)
+
+
+@pytest.mark.parametrize("groups", [1, 3])
+def test_attention_backward_equals_autodiff(groups):
+    rng = np.random.RandomState(groups)
+    b, t, s, k, h = 2, 5, 7, 2, 8
+    q = jnp.asarray(rng.randn(b, t, k, groups, h), jnp.float32)
+    key, value = (jnp.asarray(rng.randn(b, s, k, h), jnp.float32) for _ in range(2))
+    mask = jnp.asarray(rng.rand(b, t, s) > 0.4).at[0, 1].set(False)  # row 1 of batch 0: nothing visible
+    f = lambda q, key, value: _attend(q, key, value, mask)  # noqa: E731
+    g = lambda q, key, value: _plain_attend(q, key, value, mask)  # noqa: E731
+    np.testing.assert_array_equal(f(q, key, value), g(q, key, value))
+    _close(_grads(f, q, key, value), _grads(g, q, key, value))
+
+
+@pytest.mark.parametrize("spec, x_shape, w_shape, kwargs", [
+    ("BTD,DNH->BTNH", (3, 4, 6), (6, 2, 5), {}),
+    ("BTNH,NHD->BTD", (3, 4, 2, 5), (2, 5, 6), {"contract": 2}),
+    ("BTD,VD->BTV", (3, 4, 6), (9, 6), {"w_transposed": True, "out_dtype": jnp.float32}),
+])
+def test_dense_backward_equals_einsum(spec, x_shape, w_shape, kwargs):
+    rng = np.random.RandomState(0)
+    x, w = jnp.asarray(rng.randn(*x_shape), jnp.float32), jnp.asarray(rng.randn(*w_shape), jnp.float32)
+    ours = lambda x, w: dense(x, w, **kwargs)  # noqa: E731
+    plain = lambda x, w: jnp.einsum(spec, x, w)  # noqa: E731
+    np.testing.assert_allclose(ours(x, w), plain(x, w), atol=1e-6)
+    _close(_grads(ours, x, w), _grads(plain, x, w), atol=1e-5)
+
+
+def test_dense_keeps_bfloat16_gradients():
+    x, w = jnp.ones((2, 3, 4), jnp.bfloat16), jnp.ones((5, 4), jnp.bfloat16)
+    dx, dw = _grads(lambda x, w: dense(x, w, w_transposed=True, out_dtype=jnp.float32), x, w)
+    assert dx.dtype == dw.dtype == jnp.bfloat16
+
+
+def test_swiglu_backward_equals_autodiff():
+    rng = np.random.RandomState(1)
+    gate, up = jnp.asarray(rng.randn(3, 7), jnp.float32), jnp.asarray(rng.randn(3, 7), jnp.float32)
+    _close(_grads(swiglu, gate, up), _grads(lambda g, u: nn.silu(g) * u, gate, up))
+
+
+def test_unstacked_layers_equal_stacked():
+    cfg = LlamaConfig.from_preset("tiny", num_kv_heads=1)
+    params = init_params(cfg, jax.random.PRNGKey(0))
+    split = unstack_layers(params)
+    assert "layers" not in split and len([k for k in split if k.startswith("layers_")]) == cfg.num_layers
+    tokens = jnp.asarray(np.random.RandomState(0).randint(0, cfg.vocab_size, (2, 9)))
+    model = Llama(cfg)
+    np.testing.assert_allclose(model.apply({"params": split}, tokens), model.apply({"params": params}, tokens),
+                               atol=1e-5)
+    cache = init_cache(cfg, 2, 12)
+    want_logits, want_cache = model.apply({"params": params}, tokens, cache=cache, cache_index=0)
+    got_logits, got_cache = model.apply({"params": split}, tokens, cache=cache, cache_index=0)
+    np.testing.assert_allclose(got_logits, want_logits, atol=1e-5)
+    for name in ("k", "v"):
+        np.testing.assert_allclose(got_cache[name], want_cache[name], atol=1e-5)
+
+    from llama_jax.sampling import generate_ids
+    prompts = [[1, 5, 7], [3, 4]]
+    assert generate_ids(split, cfg, prompts, max_new_tokens=5) == generate_ids(params, cfg, prompts, max_new_tokens=5)
+
+
+def test_unstack_layers_names_a_tree_without_layers():
+    with pytest.raises(KeyError, match="stacked blocks"):
+        unstack_layers({"embed": {}})
+
+
+def test_blocked_causal_attention_equals_one_block(monkeypatch):
+    from llama_jax import attention
+
+    cfg = LlamaConfig.from_preset("tiny", num_kv_heads=1)
+    params = init_params(cfg, jax.random.PRNGKey(0))
+    tokens = jnp.asarray(np.random.RandomState(2).randint(0, cfg.vocab_size, (2, 40)))
+    model = Llama(cfg)
+
+    def run():
+        logits, cache = model.apply({"params": params}, tokens, cache=init_cache(cfg, 2, 48), cache_index=0)
+        grads = jax.grad(lambda p: model.apply({"params": p}, tokens).mean())(params)
+        return logits, cache, grads
+
+    want = run()
+    monkeypatch.setattr(attention, "QUERY_CHUNK", 8)  # 40 tokens: five blocks, the last ones see more keys
+    monkeypatch.setattr(attention, "CHUNKED_FROM", 16)
+    got = run()
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_allclose(g, w, atol=1e-5)
