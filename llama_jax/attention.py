@@ -102,7 +102,7 @@ QUERY_CHUNK = 256
 CHUNKED_FROM = 512
 
 
-def dot_product_attention(q, k, v, mask, config: LlamaConfig, causal_from_zero: bool = False) -> jnp.ndarray:
+def dot_product_attention(q, k, v, mask, causal_from_zero: bool = False) -> jnp.ndarray:
     """q [B, T, N, H], k/v [B, S, K, H], mask [B, T, S] -> [B, T, N, H]; softmax in float32.
 
     `causal_from_zero`: query t sits at key slot t (no cache, or a cache filled from slot 0) and the mask is
@@ -156,5 +156,5 @@ class Attention(nn.Module):
 
         # Static 0 (not a traced index): the sampler's prefill and every pass without a cache.
         from_zero = cache is None or (isinstance(cache_index, int) and cache_index == 0)
-        out = dot_product_attention(q, k, v, mask, cfg, causal_from_zero=from_zero)  # [B, T, N, H]
+        out = dot_product_attention(q, k, v, mask, causal_from_zero=from_zero)  # [B, T, N, H]
         return dense(out, wo, contract=2), new_kv  # BTNH,NHD->BTD
