@@ -458,7 +458,7 @@ def compile_sample(name: str, topology: str, *, batch: int = 1, context: int = 8
     batch into an empty `context`-slot KV cache, and one decode step, with bf16 (or int8) weights split over
     a (1, 1, tensor) mesh, the cache split over batch and KV heads, and the cache donated."""
     from llama_jax import quantize
-    from llama_jax.model import Llama, init_cache, param_shapes
+    from llama_jax.model import CACHE_AXES, Llama, init_cache, param_shapes
     from llama_jax.sharding import MeshError, logical_to_spec, param_shardings, use_mesh
     from jax.sharding import NamedSharding
 
@@ -484,8 +484,7 @@ def compile_sample(name: str, topology: str, *, batch: int = 1, context: int = 8
         shapes = jax.eval_shape(lambda p: quantize.quantize_params(p), param_shapes(config))
         params = abstract(shapes, quantize.quantized_shardings(shardings))
     cache_shape = jax.eval_shape(lambda: init_cache(config, batch, context))
-    cache_spec = logical_to_spec(("layers", "cache_batch", "cache_length", "kv_heads", "head_dim"),
-                                 cache_shape["k"].shape, mesh)
+    cache_spec = logical_to_spec(CACHE_AXES, cache_shape["k"].shape, mesh)
     cache_sharding = NamedSharding(mesh, cache_spec)
     cache = abstract(cache_shape, {"k": cache_sharding, "v": cache_sharding})
     rows = NamedSharding(mesh, logical_to_spec(("batch", "length"), (batch, 1), mesh))

@@ -22,10 +22,10 @@ from typing import Callable, List, Optional, Sequence, Tuple, Union
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding
+from jax.sharding import NamedSharding, PartitionSpec
 
 from llama_jax.config import LlamaConfig
-from llama_jax.model import Llama, init_cache
+from llama_jax.model import CACHE_AXES, Llama, init_cache, unstack_layers
 from llama_jax.sharding import logical_to_spec, use_mesh
 
 NEG_INF = -1e30  # a finite "minus infinity": keeps softmax free of NaNs even when a row is all masked
@@ -164,7 +164,8 @@ def _generate(params, tokens, lengths, alive, max_new, strategy, key, stop_ids, 
             return cache
         return jax.tree.map(lambda c: jax.lax.with_sharding_constraint(c, cache_sharding), cache)
 
-    cache = constrain(init_cache(config, batch, cache_len))
+    # per-layer parameters (model.unstack_layers) get a per-layer cache: every buffer updated in place
+    cache = constrain(init_cache(config, batch, cache_len, per_layer="layers" not in params))
     logits, cache = model.apply({"params": params}, tokens, positions=positions, cache=cache, cache_index=0,
                                 kv_mask=kv_mask, logits_at=jnp.full((batch,), plen - 1))  # [B, 1, V]
     key, sub = jax.random.split(key)
@@ -197,12 +198,15 @@ def _generate(params, tokens, lengths, alive, max_new, strategy, key, stop_ids, 
     return out, step
 
 
-def kv_cache_sharding(config: LlamaConfig, mesh, batch: int, cache_len: int) -> NamedSharding:
-    """The KV cache [L, B, S, K, H] on `mesh`: KV heads over the tensor axis, rows over the batch axes (each
-    replicated where it does not divide, e.g. 8 KV heads on a tensor axis of 16)."""
-    shape = (config.num_layers, batch, cache_len, config.num_kv_heads, config.head_dim)
-    spec = logical_to_spec(("layers", "cache_batch", "cache_length", "kv_heads", "head_dim"), shape, mesh,
-                           where="KV cache")
+def kv_cache_sharding(config: LlamaConfig, mesh, batch: int, cache_len: int, per_layer: bool = False
+                      ) -> NamedSharding:
+    """The KV cache [L, B, K, S, H] on `mesh`: KV heads over the tensor axis, rows over the batch axes (each
+    replicated where it does not divide, e.g. 8 KV heads on a tensor axis of 16). `per_layer`: the sharding
+    of each [B, K, S, H] buffer of a per-layer cache."""
+    shape = (config.num_layers, batch, config.num_kv_heads, cache_len, config.head_dim)
+    spec = logical_to_spec(CACHE_AXES, shape, mesh, where="KV cache")
+    if per_layer:
+        spec = PartitionSpec(*spec[1:])
     return NamedSharding(mesh, spec)
 
 
@@ -251,7 +255,8 @@ def generate_ids(params, config: LlamaConfig, prompts: Sequence[Sequence[int]], 
     key = jax.random.PRNGKey(seed) if isinstance(seed, int) else seed
     stops = np.asarray(sorted(set(int(s) for s in stop_ids)) or [-2], np.int32)  # -2 never matches a token
 
-    cache_sharding = None if mesh is None else kv_cache_sharding(config, mesh, batch, cache_len)
+    cache_sharding = None if mesh is None else kv_cache_sharding(config, mesh, batch, cache_len,
+                                                                  per_layer="layers" not in params)
 
     run = functools.partial(_generate, config=config, cache_len=cache_len, buf_len=buf_len,
                             stream=on_token is not None, cache_sharding=cache_sharding)
@@ -323,6 +328,23 @@ class TextStream:
         self._flush(final=True)
 
 
+def _on_cpu(params) -> bool:
+    leaf = jax.tree.leaves(params)[0]
+    return all(d.platform == "cpu" for d in getattr(leaf, "devices", lambda: jax.devices()[:1])())
+
+
+def _fits_twice(params) -> bool:
+    """Whether the free memory holds another copy of `params` (unstacking copies every layer once)."""
+    import os
+
+    size = sum(x.nbytes for x in jax.tree.leaves(params))
+    try:
+        free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):  # not a POSIX system: assume it fits
+        return True
+    return size < free
+
+
 class Sampler:
     """Load once, generate many times.
 
@@ -331,9 +353,15 @@ class Sampler:
         sampler.chat([{"role": "user", "content": "Hi!"}])
 
     `Sampler(config, params, tokenizer, mesh=None)` wraps parameters you already have.
+
+    `per_layer` (default: on a CPU without a mesh, when a second copy of the weights fits in free memory) keeps
+    one buffer per layer (`model.unstack_layers`) and a per-layer KV cache. On a CPU the scanned model copies
+    every layer's weights out of the stacked arrays at every decode step; per-layer buffers are read in place
+    (bench-135m, batch 1: 45.8 -> 30.6 ms a step). Off elsewhere: TPU compilers read the slices in place,
+    and the scanned program compiles in the same time whatever the depth.
     """
 
-    def __init__(self, config: LlamaConfig, params, tokenizer, mesh=None):
+    def __init__(self, config: LlamaConfig, params, tokenizer, mesh=None, per_layer: Optional[bool] = None):
         if tokenizer.vocab_size > config.vocab_size:
             raise ValueError(f"tokenizer {getattr(tokenizer, 'path', tokenizer)!r} has {tokenizer.vocab_size} tokens "
                              f"but the model's vocabulary has only {config.vocab_size}: they do not belong together")
@@ -345,13 +373,19 @@ class Sampler:
             if any(isinstance(x, QArray) for x in jax.tree.leaves(params, is_leaf=lambda x: isinstance(x, QArray))):
                 shardings = quantized_shardings(shardings)
             params = jax.device_put(params, shardings)
+        if per_layer is None:
+            per_layer = mesh is None and _on_cpu(params) and _fits_twice(params)
+        if per_layer and "layers" in params:
+            params = unstack_layers(params)
         self.config, self.params, self.tokenizer, self.mesh = config, params, tokenizer, mesh
         self.stop_ids = tuple(sorted(set(tokenizer.stop_ids) | set(config.eos_token_id)))
 
     @classmethod
-    def load(cls, path, mesh=None, int8: bool = False, dtype: Optional[str] = None) -> "Sampler":
+    def load(cls, path, mesh=None, int8: bool = False, dtype: Optional[str] = None,
+             per_layer: Optional[bool] = None) -> "Sampler":
         """A llama_jax checkpoint, Hugging Face or Meta directory (with its tokenizer files). With `mesh` the
-        weights are loaded sharded over it; `int8` stores the matmul weights as int8 (about half of bf16)."""
+        weights are loaded sharded over it; `int8` stores the matmul weights as int8 (about half of bf16);
+        `per_layer`: see the class."""
         import os
 
         import llama_jax
@@ -375,7 +409,7 @@ class Sampler:
             from llama_jax.sharding import param_shardings
 
             params = quantize_params(params, param_shardings(config, mesh) if mesh is not None else None)
-        return cls(config, params, tokenizer, mesh=mesh)
+        return cls(config, params, tokenizer, mesh=mesh, per_layer=per_layer)
 
     def encode(self, prompt: str) -> List[int]:
         if not isinstance(prompt, str) or not prompt:

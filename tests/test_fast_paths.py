@@ -27,9 +27,9 @@ def _close(got, want, atol=2e-6):
 
 
 def _plain_attend(q, k, v, mask):
-    scores = jnp.einsum("BTKGH,BSKH->BKGTS", q, k, preferred_element_type=jnp.float32) * q.shape[-1] ** -0.5
+    scores = jnp.einsum("BTKGH,BKSH->BKGTS", q, k, preferred_element_type=jnp.float32) * q.shape[-1] ** -0.5
     scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
-    return jnp.einsum("BKGTS,BSKH->BTKGH", jax.nn.softmax(scores, axis=-1).astype(v.dtype), v)
+    return jnp.einsum("BKGTS,BKSH->BTKGH", jax.nn.softmax(scores, axis=-1).astype(v.dtype), v)
 
 
 @pytest.mark.parametrize("groups", [1, 3])
@@ -37,11 +37,11 @@ def test_attention_backward_equals_autodiff(groups):
     rng = np.random.RandomState(groups)
     b, t, s, k, h = 2, 5, 7, 2, 8
     q = jnp.asarray(rng.randn(b, t, k, groups, h), jnp.float32)
-    key, value = (jnp.asarray(rng.randn(b, s, k, h), jnp.float32) for _ in range(2))
+    key, value = (jnp.asarray(rng.randn(b, k, s, h), jnp.float32) for _ in range(2))  # [B, K, S, H]
     mask = jnp.asarray(rng.rand(b, t, s) > 0.4).at[0, 1].set(False)  # row 1 of batch 0: nothing visible
     f = lambda q, key, value: _attend(q, key, value, mask)  # noqa: E731
     g = lambda q, key, value: _plain_attend(q, key, value, mask)  # noqa: E731
-    np.testing.assert_array_equal(f(q, key, value), g(q, key, value))
+    np.testing.assert_allclose(f(q, key, value), g(q, key, value), atol=1e-6, rtol=1e-6)  # float rounding only
     _close(_grads(f, q, key, value), _grads(g, q, key, value))
 
 
@@ -90,6 +90,40 @@ def test_unstacked_layers_equal_stacked():
     from llama_jax.sampling import generate_ids
     prompts = [[1, 5, 7], [3, 4]]
     assert generate_ids(split, cfg, prompts, max_new_tokens=5) == generate_ids(params, cfg, prompts, max_new_tokens=5)
+
+
+def test_per_layer_cache_equals_stacked_cache():
+    cfg = LlamaConfig.from_preset("tiny", num_kv_heads=1)
+    params = init_params(cfg, jax.random.PRNGKey(0))
+    split = unstack_layers(params)
+    model = Llama(cfg)
+    rng = np.random.RandomState(3)
+    prompt, step = (jnp.asarray(rng.randint(0, cfg.vocab_size, shape)) for shape in ((2, 6), (2, 1)))
+    stacked, per_layer = init_cache(cfg, 2, 10), init_cache(cfg, 2, 10, per_layer=True)
+    assert len(per_layer["k"]) == cfg.num_layers and per_layer["k"][0].shape == stacked["k"].shape[1:]
+    for tokens, index in ((prompt, 0), (step, 6)):  # a prefill, then one decode step at slot 6
+        want, stacked = model.apply({"params": params}, tokens, cache=stacked, cache_index=index)
+        got, per_layer = model.apply({"params": split}, tokens, cache=per_layer, cache_index=index)
+        np.testing.assert_allclose(got, want, atol=1e-5)
+        for name in ("k", "v"):
+            np.testing.assert_allclose(jnp.stack(per_layer[name]), stacked[name], atol=1e-5)
+    assert float(jnp.abs(stacked["k"][:, :, :, 6]).max()) > 0  # the step's keys landed in slot 6
+    with pytest.raises(ValueError, match="per-layer cache"):
+        model.apply({"params": params}, step, cache=per_layer, cache_index=7)
+
+
+def test_sampler_keeps_per_layer_weights_on_cpu():
+    from llama_jax.sampling import Sampler
+
+    class Tok:  # just enough tokenizer for generate_ids
+        vocab_size, stop_ids = 16, ()
+
+    cfg = LlamaConfig.from_preset("tiny")
+    params = init_params(cfg, jax.random.PRNGKey(0))
+    default, stacked = Sampler(cfg, params, Tok()), Sampler(cfg, params, Tok(), per_layer=False)
+    assert "layers_0" in default.params and "layers" in stacked.params
+    prompts = [[1, 5, 7], [3, 4]]
+    assert default.generate_ids(prompts, 6, temperature=0) == stacked.generate_ids(prompts, 6, temperature=0)
 
 
 def test_unstack_layers_names_a_tree_without_layers():
