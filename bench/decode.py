@@ -11,8 +11,9 @@ Decode tokens/s counts the steps only: (time to make `--new` tokens - time to ma
 and first token) / (new - 1) steps, each the fastest of `--repeats` runs. End-to-end tokens/s (prefill
 included) is recorded too. One JSON line per (impl, dtype, batch), then a table.
 
-Ours runs twice: `llama_jax` with the parameters as loaded (layers stacked [L, ...]) and
-`llama_jax+unstacked` with `model.unstack_layers(params)` (one buffer per layer, the decoding layout).
+Ours runs twice: `llama_jax` is `generate_ids` on the parameters as loaded (layers stacked [L, ...], the layout
+on TPU) and `llama_jax+per_layer` on `model.unstack_layers(params)` (one buffer per layer and a per-layer KV
+cache), which is what `Sampler` uses by default on a CPU.
 """
 
 from __future__ import annotations
@@ -29,10 +30,7 @@ import numpy as np
 from llama_jax import LlamaConfig, init_params
 from llama_jax.sampling import Greedy, generate_ids
 
-try:  # per-layer weight buffers for decoding (see llama_jax.model.unstack_layers)
-    from llama_jax.model import unstack_layers
-except ImportError:
-    unstack_layers = None
+from llama_jax.model import unstack_layers
 
 
 def step_bytes(cfg: LlamaConfig, batch: int, context: float, itemsize: int) -> float:
@@ -91,7 +89,7 @@ def main():
     for dtype in args.dtypes:
         cfg = LlamaConfig.from_preset(args.preset, dtype=dtype, param_dtype=dtype)
         params = init_params(cfg, jax.random.PRNGKey(0))
-        unstacked = None if unstack_layers is None else unstack_layers(params)
+        per_layer = unstack_layers(params)
         hf = None if args.no_hf else hf_model(cfg, dtype)
         itemsize = jnp.dtype(dtype).itemsize
         for batch in args.batches:
@@ -100,13 +98,12 @@ def main():
             context = args.prompt + args.new / 2  # mean context over the decode steps
             roof = batch * bw["best_gbps"] * 1e9 / step_bytes(cfg, batch, context, itemsize)
             results = {}
-            impls = ["llama_jax"] + (["llama_jax+unstacked"] if unstacked is not None else []) + \
-                ([] if hf is None else ["transformers"])
+            impls = ["llama_jax", "llama_jax+per_layer"] + ([] if hf is None else ["transformers"])
             for impl in impls:
                 if impl == "transformers":
                     one, full = time_hf(hf, prompts, args.new, args.repeats)
                 else:
-                    p = unstacked if impl == "llama_jax+unstacked" else params
+                    p = per_layer if impl == "llama_jax+per_layer" else params
                     one, full = time_ours(cfg, p, prompts, args.new, args.repeats)
                 step_s = (full - one) / (args.new - 1)
                 tps = batch / step_s
@@ -121,7 +118,7 @@ def main():
                 best = max(v for k, v in results.items() if k != "transformers")
                 emit("decode_speedup", dtype=dtype, batch=batch, speedup=best / results["transformers"], bar=1.5,
                      frac_of_roofline=best / roof)
-        del params, unstacked, hf
+        del params, per_layer, hf
     print_table(f"decode ({args.preset}, prompt {args.prompt}, {args.new} new tokens; read bandwidth "
                 f"{bw['best_gbps']:.1f} GB/s)", rows,
                 ["impl", "dtype", "batch", "step_ms", "tokens_per_s", "end_to_end_tokens_per_s",
