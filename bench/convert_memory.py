@@ -134,6 +134,10 @@ def main(argv=None):
     parser.add_argument("--workdir", default=None, help="where to write checkpoints (default: a temp dir)")
     parser.add_argument("--export", action="store_true", help="also measure --to-hf back to safetensors")
     args = parser.parse_args(argv)
+    # the machine and library versions, from a child (this parent must not import numpy or jax)
+    here = os.path.dirname(os.path.abspath(__file__))
+    subprocess.run([sys.executable, "-c", "import common; common.emit('machine', **common.machine())"],
+                   cwd=here, check=True)
     work = tempfile.mkdtemp(prefix="convert_memory_", dir=args.workdir)
     rows = []
     try:
