@@ -484,9 +484,9 @@ def compile_sample(name: str, topology: str, *, batch: int = 1, context: int = 8
         shapes = jax.eval_shape(lambda p: quantize.quantize_params(p), param_shapes(config))
         params = abstract(shapes, quantize.quantized_shardings(shardings))
     cache_shape = jax.eval_shape(lambda: init_cache(config, batch, context))
-    cache_spec = logical_to_spec(CACHE_AXES, cache_shape["k"].shape, mesh)
-    cache_sharding = NamedSharding(mesh, cache_spec)
-    cache = abstract(cache_shape, {"k": cache_sharding, "v": cache_sharding})
+    cache_sharding = {n: NamedSharding(mesh, logical_to_spec(CACHE_AXES[n], cache_shape[n].shape, mesh))
+                      for n in cache_shape}
+    cache = abstract(cache_shape, cache_sharding)
     rows = NamedSharding(mesh, logical_to_spec(("batch", "length"), (batch, 1), mesh))
     model = Llama(config)
 
@@ -507,7 +507,7 @@ def compile_sample(name: str, topology: str, *, batch: int = 1, context: int = 8
     lengths = jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=NamedSharding(mesh, jax.sharding.PartitionSpec(*rows.spec[:1])))
     step = jax.ShapeDtypeStruct((), jnp.int32, sharding=NamedSharding(mesh, jax.sharding.PartitionSpec()))
     out = (NamedSharding(mesh, logical_to_spec(("batch", "length", "act_vocab"), (batch, 1, config.vocab_size),
-                                               mesh)), {"k": cache_sharding, "v": cache_sharding})
+                                               mesh)), cache_sharding)
 
     class InMesh:  # lower inside the mesh context, as sampling does (the model's logical constraints)
         def __init__(self, fn, donate):

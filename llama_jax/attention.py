@@ -15,10 +15,22 @@ from llama_jax.config import LlamaConfig
 from llama_jax.layers import dense, dtype_of, kernel_init, param_with_axes
 from llama_jax.rope import apply_rotary
 
-KVCache = dict  # {"k": [B, K, S, H], "v": [B, K, S, H]} for one layer; stacked [L, ...] in the model.
-# Heads before slots: the attention products read a head's [S, H] keys and values as they lie, so a decode
-# step never transposes the cache (stored [B, S, K, H], every layer copied its K and V to [B, K, S, H] at
-# every step: 17% of a batch-8 decode step on a CPU).
+KVCache = dict  # {"k": [B, K, H, S], "v": [B, K, S, H]} for one layer; stacked [L, ...] in the model.
+# Each in the layout its attention product reads as it lies (q k: [H, S] keys; p v: [S, H] values), so a decode
+# step never copies the cache. Stored [B, S, K, H], every layer transposed its keys and values at every step
+# (17% of a batch-8 decode step on a CPU); keys stored [B, K, S, H] were still copied to [H, S] (6% at batch 1).
+SLOT_AXIS = {"k": -1, "v": -2}  # the slot (S) axis of each cache array, whatever leads it ([L], [B])
+
+
+def write_slots(cache: dict, new: dict, index) -> dict:
+    """`cache` with the new keys/values `new` (k [..., H, T], v [..., T, H]) written at slots
+    index..index+T-1."""
+    out = {}
+    for name in cache:
+        start = [jnp.zeros((), jnp.int32)] * cache[name].ndim
+        start[SLOT_AXIS[name]] = jnp.asarray(index, jnp.int32)
+        out[name] = jax.lax.dynamic_update_slice(cache[name], new[name].astype(cache[name].dtype), tuple(start))
+    return out
 
 
 def causal_mask(segment_ids: Optional[jnp.ndarray], batch: int, length: int) -> jnp.ndarray:
@@ -40,17 +52,17 @@ def cache_mask(cache_index: jnp.ndarray, kv_mask: jnp.ndarray, length: int) -> j
 
 
 def _masked_scores(q, k, mask):
-    """q [B, T, K, G, H], k [B, K, S, H], mask [B, T, S] -> scaled float32 scores [B, K, G, T, S], masked."""
+    """q [B, T, K, G, H], k [B, K, H, S], mask [B, T, S] -> scaled float32 scores [B, K, G, T, S], masked."""
     # q transposed to [B, K, G, T, H] first (a small copy): left to itself XLA:CPU forms the [S, T] product
     # and transposes that whole matrix back, in a slow loop.
-    scores = jnp.einsum("BKGTH,BKSH->BKGTS", q.transpose(0, 2, 3, 1, 4), k, preferred_element_type=jnp.float32)
+    scores = jnp.einsum("BKGTH,BKHS->BKGTS", q.transpose(0, 2, 3, 1, 4), k, preferred_element_type=jnp.float32)
     scores = scores * jnp.float32(q.shape[-1] ** -0.5)
     return jnp.where(mask[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
 
 
 @jax.custom_vjp
 def _attend(q, k, v, mask):
-    """softmax(q k^T / sqrt(H), masked) v: q [B, T, K, G, H], k/v [B, K, S, H] -> [B, T, K, G, H]."""
+    """softmax(q k^T / sqrt(H), masked) v: q [B, T, K, G, H], k [B, K, H, S], v [B, K, S, H] -> [B, T, K, G, H]."""
     probs = jax.nn.softmax(_masked_scores(q, k, mask), axis=-1).astype(v.dtype)
     return _probs_times_values(probs, v)
 
@@ -88,8 +100,8 @@ def _attend_bwd(res, d_out):
     row = jnp.einsum("BTKGH,BTKGH->BKGT", d_out.astype(f32), out.astype(f32))  # sum_S probs * d_probs
     d_scores = probs * (d_probs - row[..., None])
     d_scores = jnp.where(mask[:, None, None, :, :], d_scores, 0.0) * f32(q.shape[-1] ** -0.5)
-    d_q = _probs_times_values(d_scores, k.astype(f32))  # the same product shape as the forward's
-    d_k = jnp.einsum("BTKGH,BKGTS->BKHS", q.astype(f32), d_scores).transpose(0, 1, 3, 2)
+    d_q = jnp.einsum("BKGTS,BKHS->BKGTH", d_scores, k.astype(f32)).transpose(0, 3, 1, 2, 4)  # as in the forward
+    d_k = jnp.einsum("BTKGH,BKGTS->BKHS", q.astype(f32), d_scores)
     return d_q.astype(q.dtype), d_k.astype(k.dtype), d_v.astype(v.dtype), None
 
 
@@ -105,7 +117,7 @@ CHUNKED_FROM = 512
 
 
 def dot_product_attention(q, k, v, mask, causal_from_zero: bool = False) -> jnp.ndarray:
-    """q [B, T, N, H], k/v [B, K, S, H], mask [B, T, S] -> [B, T, N, H]; softmax in float32.
+    """q [B, T, N, H], k [B, K, H, S], v [B, K, S, H], mask [B, T, S] -> [B, T, N, H]; softmax in float32.
 
     `causal_from_zero`: query t sits at key slot t (no cache, or a cache filled from slot 0) and the mask is
     causal, so query rows [i, i + c) see keys < i + c only. Long inputs then run in blocks of QUERY_CHUNK
@@ -120,18 +132,20 @@ def dot_product_attention(q, k, v, mask, causal_from_zero: bool = False) -> jnp.
     blocks = []
     for start in range(0, t, QUERY_CHUNK):
         end = min(start + QUERY_CHUNK, t)
-        blocks.append(_attend(q[:, start:end], k[:, :, :end], v[:, :, :end], mask[:, start:end, :end]))
+        blocks.append(_attend(q[:, start:end], k[..., :end], v[:, :, :end], mask[:, start:end, :end]))
     return jnp.concatenate(blocks, axis=1).reshape(b, t, n, h)
 
 
 class Attention(nn.Module):
     config: LlamaConfig
+    return_cache: bool = False  # return the updated layer cache rather than only the new keys/values
 
     @nn.compact
     def __call__(self, x, cos, sin, mask, cache: Optional[KVCache] = None, cache_index=None):
         """x [B, T, D]; cos/sin [B, T, H/2]; mask [B, T, S]. With a cache, the new keys/values are written at
         `cache_index` and attention runs over the whole cache. Returns (y [B, T, D], the new keys/values
-        {"k", "v"} [B, K, T, H] to write at cache_index, or None without a cache)."""
+        {"k": [B, K, H, T], "v": [B, K, T, H]} to write at cache_index, or None without a cache). With
+        `return_cache`, the second item is the whole updated layer cache instead."""
         cfg = self.config
         dt, pdt = dtype_of(cfg.dtype), dtype_of(cfg.param_dtype)
         d, n, kvh, h = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
@@ -146,16 +160,18 @@ class Attention(nn.Module):
         v = dense(x, wv)  # BTD,DKH->BTKH
         q = nn.with_logical_constraint(q, ("batch", "length", "act_heads", "head_dim"))
 
-        k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, K, T, H]: the cache's layout
+        k, v = k.transpose(0, 2, 3, 1), v.transpose(0, 2, 1, 3)  # [B, K, H, T] and [B, K, T, H]: the cache's
         new_kv = None
         if cache is not None:
             # Return only the T new keys/values; the caller writes them into the stacked cache once, so
             # the cache is updated in place instead of being rebuilt as a second copy by the layer scan.
             new_kv = {"k": k.astype(cache["k"].dtype), "v": v.astype(cache["v"].dtype)}
-            zero = jnp.zeros((), jnp.int32)
-            start = (zero, zero, jnp.asarray(cache_index, jnp.int32), zero)
-            k = jax.lax.dynamic_update_slice(cache["k"], new_kv["k"], start).astype(dt)  # [B, K, S, H]
-            v = jax.lax.dynamic_update_slice(cache["v"], new_kv["v"], start).astype(dt)
+            squeezed = cache["k"].ndim == 3  # a per-layer cache at batch 1 (see model.init_cache)
+            full = write_slots(cache, {n: a[0] for n, a in new_kv.items()} if squeezed else new_kv, cache_index)
+            k, v = (full[n][None] if squeezed else full[n] for n in ("k", "v"))
+            k, v = k.astype(dt), v.astype(dt)  # [B, K, H, S], [B, K, S, H]
+            if self.return_cache:
+                new_kv = full
 
         # Static 0 (not a traced index): the sampler's prefill and every pass without a cache.
         from_zero = cache is None or (isinstance(cache_index, int) and cache_index == 0)

@@ -21,7 +21,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from llama_jax.attention import Attention, cache_mask, causal_mask
+from llama_jax.attention import Attention, cache_mask, causal_mask, write_slots
 from llama_jax.config import LlamaConfig
 from llama_jax.layers import MLP, Embedding, RMSNorm, dense, dtype_of, kernel_init, param_with_axes
 from llama_jax.rope import rotary_tables
@@ -37,15 +37,17 @@ _REMAT_POLICIES = {
 
 
 class Block(nn.Module):
-    """One pre-norm decoder block; written for nn.scan: (carry x, per-layer cache) -> (x, the new k/v)."""
+    """One pre-norm decoder block; written for nn.scan: (carry x, per-layer cache) -> (x, the new k/v), or with
+    `return_cache` (x, the updated layer cache)."""
 
     config: LlamaConfig
+    return_cache: bool = False
 
     @nn.compact
     def __call__(self, x, layer_cache, cos, sin, mask, cache_index):
         cfg = self.config
-        h, new_kv = Attention(cfg, name="attn")(RMSNorm(cfg, name="attn_norm")(x), cos, sin, mask,
-                                                layer_cache, cache_index)
+        h, new_kv = Attention(cfg, return_cache=self.return_cache, name="attn")(
+            RMSNorm(cfg, name="attn_norm")(x), cos, sin, mask, layer_cache, cache_index)
         x = x + h
         x = x + MLP(cfg, name="mlp")(RMSNorm(cfg, name="mlp_norm")(x))
         x = nn.with_logical_constraint(x, ("batch", "length", "act_embed"))
@@ -101,8 +103,8 @@ class Llama(nn.Module):
                 _block_class(cfg), variable_axes={"params": 0}, split_rngs={"params": True},
                 in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
                 length=cfg.num_layers, metadata_params={nn.PARTITION_NAME: "layers"})
-            x, new_kv = stack(cfg, name="layers")(x, cache, cos, sin, mask, cache_index)  # new_kv [L, B, K, T, H]
-            new_cache = None if cache is None else _write_cache(cache, new_kv, cache_index)
+            x, new_kv = stack(cfg, name="layers")(x, cache, cos, sin, mask, cache_index)  # [L, ...] each
+            new_cache = None if cache is None else write_slots(cache, new_kv, cache_index)
         x = RMSNorm(cfg, name="final_norm")(x)
 
         if logits_at is not None:
@@ -120,18 +122,20 @@ class Llama(nn.Module):
         """The blocks one after another on per-layer parameters `layers_i` (see `unstack_layers`).
         Returns (x, the updated cache, or None without one)."""
         cfg = self.config
+        # A per-layer cache: each block returns its updated buffers (the attention's one in-place update).
+        per_layer = cache is not None and _is_per_layer(cache)
         new_kv = []
         for i in range(cfg.num_layers):
             layer_cache = None if cache is None else {"k": cache["k"][i], "v": cache["v"][i]}
-            x, kv = _block_class(cfg)(cfg, name=f"layers_{i}")(x, layer_cache, cos, sin, mask, cache_index)
+            x, kv = _block_class(cfg)(cfg, return_cache=per_layer, name=f"layers_{i}")(
+                x, layer_cache, cos, sin, mask, cache_index)
             new_kv.append(kv)
         if cache is None:
             return x, None
-        if _is_per_layer(cache):  # each layer's buffer updated in place (attention's own update, CSE'd)
-            start = (0, 0, jnp.asarray(cache_index, jnp.int32), 0)
-            return x, {n: tuple(jax.lax.dynamic_update_slice(c, kv[n], start) for c, kv in zip(cache[n], new_kv))
-                       for n in ("k", "v")}
-        return x, _write_cache(cache, {n: jnp.stack([kv[n] for kv in new_kv]) for n in ("k", "v")}, cache_index)
+        if per_layer:
+            return x, {n: tuple(kv[n] for kv in new_kv) for n in ("k", "v")}
+        stacked = {n: jnp.stack([kv[n] for kv in new_kv]) for n in ("k", "v")}
+        return x, write_slots(cache, stacked, cache_index)
 
 
 def _is_per_layer(cache: dict) -> bool:
@@ -139,13 +143,7 @@ def _is_per_layer(cache: dict) -> bool:
 
 
 def _cache_length(cache: dict) -> int:
-    return (cache["k"][0] if _is_per_layer(cache) else cache["k"]).shape[-2]  # [(L,) B, K, S, H]
-
-
-def _write_cache(cache: dict, new_kv: dict, cache_index) -> dict:
-    """The stacked cache [L, B, K, S, H] with new_kv [L, B, K, T, H] written at slot cache_index."""
-    start = (0, 0, 0, jnp.asarray(cache_index, jnp.int32), 0)
-    return {name: jax.lax.dynamic_update_slice(cache[name], new_kv[name], start) for name in cache}
+    return (cache["v"][0] if _is_per_layer(cache) else cache["v"]).shape[-2]  # v: [(L,) B, K, S, H]
 
 
 def unstack_layers(params: dict) -> dict:
@@ -166,22 +164,34 @@ def unstack_layers(params: dict) -> dict:
     return out
 
 
-# The logical axes of each cache array (sharding.DEFAULT_RULES maps them onto a mesh).
-CACHE_AXES = ("layers", "cache_batch", "kv_heads", "cache_length", "head_dim")
+# The logical axes of the cache arrays (sharding.DEFAULT_RULES maps them onto a mesh); see attention.KVCache.
+CACHE_AXES = {"k": ("layers", "cache_batch", "kv_heads", "head_dim", "cache_length"),
+              "v": ("layers", "cache_batch", "kv_heads", "cache_length", "head_dim")}
+
+
+def cache_axes(batch: int, per_layer: bool = False) -> dict:
+    """The logical axes of each array that `init_cache(config, batch, ..., per_layer)` makes."""
+    if not per_layer:
+        return dict(CACHE_AXES)
+    return {n: axes[2:] if batch == 1 else axes[1:] for n, axes in CACHE_AXES.items()}
 
 
 def init_cache(config: LlamaConfig, batch: int, max_len: int, dtype=None, per_layer: bool = False) -> dict:
-    """An empty KV cache {"k", "v"}: [L, B, K, S, H] each (heads before slots, see `attention.KVCache`), in
-    the compute dtype unless `dtype` is given.
+    """An empty KV cache: keys [L, B, K, H, S] and values [L, B, K, S, H] (see `attention.KVCache`), in the
+    compute dtype unless `dtype` is given.
 
-    `per_layer`: a tuple of L arrays [B, K, S, H] instead, for per-layer parameters (`unstack_layers`). Each
-    layer then updates and reads its own buffer in place; slicing layer i out of one stacked array copies it,
-    and at batch 8 such copies cost a CPU decode step about 10%."""
-    shape = (batch, config.num_kv_heads, max_len, config.head_dim)
+    `per_layer`: a tuple of L arrays for each instead, for per-layer parameters (`unstack_layers`). Each layer
+    then updates and reads its own buffer in place; slicing layer i out of one stacked array copies it, and at
+    batch 8 such copies cost a CPU decode step about 10%. At batch 1 these buffers drop the batch axis: XLA:CPU
+    otherwise fuses the in-place update once more into the product that reads it without that unit axis, which
+    costs a copy of every layer's cache at every step (13% of a batch-1 step)."""
+    kv, h = config.num_kv_heads, config.head_dim
+    shapes = {"k": (batch, kv, h, max_len), "v": (batch, kv, max_len, h)}
     dt = jnp.dtype(dtype) if dtype is not None else dtype_of(config.dtype)
     if per_layer:
-        return {n: tuple(jnp.zeros(shape, dt) for _ in range(config.num_layers)) for n in ("k", "v")}
-    return {n: jnp.zeros((config.num_layers,) + shape, dt) for n in ("k", "v")}
+        shapes = {n: shape[1:] if batch == 1 else shape for n, shape in shapes.items()}
+        return {n: tuple(jnp.zeros(shape, dt) for _ in range(config.num_layers)) for n, shape in shapes.items()}
+    return {n: jnp.zeros((config.num_layers,) + shape, dt) for n, shape in shapes.items()}
 
 
 def init_params(config: LlamaConfig, rng: jax.Array, seq_len: int = 8) -> dict:

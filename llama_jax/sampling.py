@@ -22,10 +22,10 @@ from typing import Callable, List, Optional, Sequence, Tuple, Union
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec
+from jax.sharding import NamedSharding
 
 from llama_jax.config import LlamaConfig
-from llama_jax.model import CACHE_AXES, Llama, init_cache, unstack_layers
+from llama_jax.model import Llama, cache_axes, init_cache, unstack_layers
 from llama_jax.sharding import logical_to_spec, use_mesh
 
 NEG_INF = -1e30  # a finite "minus infinity": keeps softmax free of NaNs even when a row is all masked
@@ -150,8 +150,9 @@ def _emit(step, tokens, done):
 # ---- the compiled program --------------------------------------------------------------------------------
 @functools.partial(jax.jit, static_argnames=("config", "cache_len", "buf_len", "stream", "cache_sharding"))
 def _generate(params, tokens, lengths, alive, max_new, strategy, key, stop_ids, *, config: LlamaConfig,
-              cache_len: int, buf_len: int, stream: bool, cache_sharding: Optional[NamedSharding]):
+              cache_len: int, buf_len: int, stream: bool, cache_sharding: Optional[tuple]):
     """tokens [B, P] left-padded, lengths [B], alive [B] (False for batch padding rows), max_new scalar,
+    cache_sharding: ((name, NamedSharding), ...) of the cache arrays (a tuple: static arguments are hashed),
     stop_ids [n] -> (out [B, N] int32 with -1 after a row stopped, number of steps taken)."""
     batch, plen = tokens.shape
     model = Llama(config)
@@ -162,7 +163,9 @@ def _generate(params, tokens, lengths, alive, max_new, strategy, key, stop_ids, 
     def constrain(cache):
         if cache_sharding is None:
             return cache
-        return jax.tree.map(lambda c: jax.lax.with_sharding_constraint(c, cache_sharding), cache)
+        shardings = dict(cache_sharding)
+        return {n: jax.tree.map(lambda c, n=n: jax.lax.with_sharding_constraint(c, shardings[n]), cache[n])
+                for n in cache}
 
     # per-layer parameters (model.unstack_layers) get a per-layer cache: every buffer updated in place
     cache = constrain(init_cache(config, batch, cache_len, per_layer="layers" not in params))
@@ -198,16 +201,15 @@ def _generate(params, tokens, lengths, alive, max_new, strategy, key, stop_ids, 
     return out, step
 
 
-def kv_cache_sharding(config: LlamaConfig, mesh, batch: int, cache_len: int, per_layer: bool = False
-                      ) -> NamedSharding:
-    """The KV cache [L, B, K, S, H] on `mesh`: KV heads over the tensor axis, rows over the batch axes (each
-    replicated where it does not divide, e.g. 8 KV heads on a tensor axis of 16). `per_layer`: the sharding
-    of each [B, K, S, H] buffer of a per-layer cache."""
-    shape = (config.num_layers, batch, config.num_kv_heads, cache_len, config.head_dim)
-    spec = logical_to_spec(CACHE_AXES, shape, mesh, where="KV cache")
-    if per_layer:
-        spec = PartitionSpec(*spec[1:])
-    return NamedSharding(mesh, spec)
+def kv_cache_sharding(config: LlamaConfig, mesh, batch: int, cache_len: int, per_layer: bool = False) -> dict:
+    """{"k", "v"}: NamedShardings of the KV cache (see `init_cache`) on `mesh`: KV heads over the tensor axis,
+    rows over the batch axes (each replicated where it does not divide, e.g. 8 KV heads on a tensor axis of
+    16). `per_layer`: the sharding of each layer's buffer of a per-layer cache."""
+    shapes = jax.eval_shape(lambda: init_cache(config, batch, cache_len, per_layer=per_layer))
+    axes = cache_axes(batch, per_layer)
+    return {name: NamedSharding(mesh, logical_to_spec(axes[name], jax.tree.leaves(shape)[0].shape, mesh,
+                                                      where="KV cache"))
+            for name, shape in shapes.items()}
 
 
 def generate_ids(params, config: LlamaConfig, prompts: Sequence[Sequence[int]], *, max_new_tokens: int = 64,
@@ -255,8 +257,8 @@ def generate_ids(params, config: LlamaConfig, prompts: Sequence[Sequence[int]], 
     key = jax.random.PRNGKey(seed) if isinstance(seed, int) else seed
     stops = np.asarray(sorted(set(int(s) for s in stop_ids)) or [-2], np.int32)  # -2 never matches a token
 
-    cache_sharding = None if mesh is None else kv_cache_sharding(config, mesh, batch, cache_len,
-                                                                  per_layer="layers" not in params)
+    cache_sharding = None if mesh is None else tuple(sorted(kv_cache_sharding(
+        config, mesh, batch, cache_len, per_layer="layers" not in params).items()))
 
     run = functools.partial(_generate, config=config, cache_len=cache_len, buf_len=buf_len,
                             stream=on_token is not None, cache_sharding=cache_sharding)

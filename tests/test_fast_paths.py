@@ -27,7 +27,7 @@ def _close(got, want, atol=2e-6):
 
 
 def _plain_attend(q, k, v, mask):
-    scores = jnp.einsum("BTKGH,BKSH->BKGTS", q, k, preferred_element_type=jnp.float32) * q.shape[-1] ** -0.5
+    scores = jnp.einsum("BTKGH,BKHS->BKGTS", q, k, preferred_element_type=jnp.float32) * q.shape[-1] ** -0.5
     scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
     return jnp.einsum("BKGTS,BKSH->BTKGH", jax.nn.softmax(scores, axis=-1).astype(v.dtype), v)
 
@@ -37,7 +37,8 @@ def test_attention_backward_equals_autodiff(groups):
     rng = np.random.RandomState(groups)
     b, t, s, k, h = 2, 5, 7, 2, 8
     q = jnp.asarray(rng.randn(b, t, k, groups, h), jnp.float32)
-    key, value = (jnp.asarray(rng.randn(b, k, s, h), jnp.float32) for _ in range(2))  # [B, K, S, H]
+    key = jnp.asarray(rng.randn(b, k, h, s), jnp.float32)  # [B, K, H, S], as the cache stores keys
+    value = jnp.asarray(rng.randn(b, k, s, h), jnp.float32)  # [B, K, S, H]
     mask = jnp.asarray(rng.rand(b, t, s) > 0.4).at[0, 1].set(False)  # row 1 of batch 0: nothing visible
     f = lambda q, key, value: _attend(q, key, value, mask)  # noqa: E731
     g = lambda q, key, value: _plain_attend(q, key, value, mask)  # noqa: E731
@@ -92,22 +93,27 @@ def test_unstacked_layers_equal_stacked():
     assert generate_ids(split, cfg, prompts, max_new_tokens=5) == generate_ids(params, cfg, prompts, max_new_tokens=5)
 
 
-def test_per_layer_cache_equals_stacked_cache():
+@pytest.mark.parametrize("batch", [1, 2])  # batch 1: per-layer buffers drop the batch axis
+def test_per_layer_cache_equals_stacked_cache(batch):
     cfg = LlamaConfig.from_preset("tiny", num_kv_heads=1)
     params = init_params(cfg, jax.random.PRNGKey(0))
     split = unstack_layers(params)
     model = Llama(cfg)
     rng = np.random.RandomState(3)
-    prompt, step = (jnp.asarray(rng.randint(0, cfg.vocab_size, shape)) for shape in ((2, 6), (2, 1)))
-    stacked, per_layer = init_cache(cfg, 2, 10), init_cache(cfg, 2, 10, per_layer=True)
-    assert len(per_layer["k"]) == cfg.num_layers and per_layer["k"][0].shape == stacked["k"].shape[1:]
+    prompt, step = (jnp.asarray(rng.randint(0, cfg.vocab_size, shape)) for shape in ((batch, 6), (batch, 1)))
+    stacked, per_layer = init_cache(cfg, batch, 10), init_cache(cfg, batch, 10, per_layer=True)
+    assert stacked["k"].shape[-2:] == (cfg.head_dim, 10) and stacked["v"].shape[-2:] == (10, cfg.head_dim)
+    assert len(per_layer["k"]) == cfg.num_layers
+    assert per_layer["k"][0].shape == stacked["k"].shape[2 if batch == 1 else 1:]
     for tokens, index in ((prompt, 0), (step, 6)):  # a prefill, then one decode step at slot 6
         want, stacked = model.apply({"params": params}, tokens, cache=stacked, cache_index=index)
         got, per_layer = model.apply({"params": split}, tokens, cache=per_layer, cache_index=index)
         np.testing.assert_allclose(got, want, atol=1e-5)
         for name in ("k", "v"):
-            np.testing.assert_allclose(jnp.stack(per_layer[name]), stacked[name], atol=1e-5)
-    assert float(jnp.abs(stacked["k"][:, :, :, 6]).max()) > 0  # the step's keys landed in slot 6
+            np.testing.assert_allclose(jnp.stack(per_layer[name]).reshape(stacked[name].shape), stacked[name],
+                                       atol=1e-5)
+    assert float(jnp.abs(stacked["k"][..., 6]).max()) > 0 and float(jnp.abs(stacked["v"][..., 6, :]).max()) > 0
+    assert float(jnp.abs(stacked["k"][..., 7:]).max()) == 0  # slot 6 written, later slots untouched
     with pytest.raises(ValueError, match="per-layer cache"):
         model.apply({"params": params}, step, cache=per_layer, cache_index=7)
 

@@ -128,6 +128,7 @@ def test_per_sequence_stop_and_bucketing(tiny):
 def test_mesh_gives_single_device_tokens(tiny, mesh_shape):
     from jax.sharding import PartitionSpec as P
 
+    from llama_jax.model import unstack_layers
     from llama_jax.sampling import kv_cache_sharding
     from llama_jax.sharding import make_mesh, param_shardings
 
@@ -139,7 +140,14 @@ def test_mesh_gives_single_device_tokens(tiny, mesh_shape):
         expected = generate_ids(params, cfg, PROMPTS, max_new_tokens=8, strategy=strategy, seed=1)
         assert generate_ids(sharded, cfg, PROMPTS, max_new_tokens=8, strategy=strategy, seed=1,
                             mesh=mesh) == expected
-    assert kv_cache_sharding(cfg, mesh, 4, 16).spec == P(None, "fsdp", "tensor", None, None)  # [L,B,K,S,H]
+    shardings = kv_cache_sharding(cfg, mesh, 4, 16)  # k [L, B, K, H, S], v [L, B, K, S, H]
+    assert shardings["k"].spec == shardings["v"].spec == P(None, "fsdp", "tensor", None, None)
+    assert kv_cache_sharding(cfg, mesh, 4, 16, per_layer=True)["v"].spec == P("fsdp", "tensor", None, None)
+    assert kv_cache_sharding(cfg, mesh, 1, 16, per_layer=True)["k"].spec == P("tensor", None, None)  # [K, H, S]
+    unstacked = unstack_layers(sharded)  # per-layer weights and cache on a mesh, batch 1 and 2
+    for prompts in (PROMPTS[:1], PROMPTS[:2]):
+        assert generate_ids(unstacked, cfg, prompts, max_new_tokens=6, mesh=mesh) == \
+            generate_ids(params, cfg, prompts, max_new_tokens=6)
     q = quantize_params(sharded, param_shardings(cfg, mesh))
     assert q["layers"]["attn"]["q"].q.sharding.spec == sharded["layers"]["attn"]["q"].sharding.spec
     assert q["layers"]["mlp"]["down"].scale.shape == (cfg.num_layers, 1, cfg.hidden_size)
