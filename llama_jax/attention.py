@@ -150,14 +150,17 @@ class Attention(nn.Module):
         dt, pdt = dtype_of(cfg.dtype), dtype_of(cfg.param_dtype)
         d, n, kvh, h = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         init = kernel_init(cfg)
-        wq = param_with_axes(self, "q", init, (d, n, h), pdt, ("embed", "heads", "head_dim")).astype(dt)
-        wk = param_with_axes(self, "k", init, (d, kvh, h), pdt, ("embed", "kv_heads", "head_dim")).astype(dt)
-        wv = param_with_axes(self, "v", init, (d, kvh, h), pdt, ("embed", "kv_heads", "head_dim")).astype(dt)
+        if self.has_variable("params", "qkv"):  # the fused decoding layout (model.unstack_layers(fuse=True))
+            qkv = dense(x, self.get_variable("params", "qkv").astype(dt))  # BTD,D(N+2K)H->BT(N+2K)H
+            q, k, v = jnp.split(qkv.reshape(qkv.shape[:2] + (n + 2 * kvh, h)), [n, n + kvh], axis=2)
+        else:
+            q = dense(x, param_with_axes(self, "q", init, (d, n, h), pdt, ("embed", "heads", "head_dim")).astype(dt))
+            k = dense(x, param_with_axes(self, "k", init, (d, kvh, h), pdt, ("embed", "kv_heads", "head_dim")
+                                         ).astype(dt))  # BTD,DKH->BTKH
+            v = dense(x, param_with_axes(self, "v", init, (d, kvh, h), pdt, ("embed", "kv_heads", "head_dim")
+                                         ).astype(dt))
         wo = param_with_axes(self, "o", init, (n, h, d), pdt, ("heads", "head_dim", "embed")).astype(dt)
-
-        q = apply_rotary(dense(x, wq), cos, sin)  # BTD,DNH->BTNH
-        k = apply_rotary(dense(x, wk), cos, sin)  # BTD,DKH->BTKH
-        v = dense(x, wv)  # BTD,DKH->BTKH
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)  # [B, T, N, H], [B, T, K, H]
         q = nn.with_logical_constraint(q, ("batch", "length", "act_heads", "head_dim"))
 
         k, v = k.transpose(0, 2, 3, 1), v.transpose(0, 2, 1, 3)  # [B, K, H, T] and [B, K, T, H]: the cache's

@@ -143,9 +143,13 @@ class MLP(nn.Module):
         cfg = self.config
         dt, pdt = dtype_of(cfg.dtype), dtype_of(cfg.param_dtype)
         d, f = cfg.hidden_size, cfg.intermediate_size
-        gate = param_with_axes(self, "gate", kernel_init(cfg), (d, f), pdt, ("embed", "mlp")).astype(dt)
-        up = param_with_axes(self, "up", kernel_init(cfg), (d, f), pdt, ("embed", "mlp")).astype(dt)
+        if self.has_variable("params", "gate_up"):  # the fused decoding layout (model.unstack_layers(fuse=True))
+            gate_up = dense(x, self.get_variable("params", "gate_up").astype(dt))  # BTD,D(2F)->BT(2F)
+            gate, up = gate_up[..., :f], gate_up[..., f:]
+        else:
+            gate = dense(x, param_with_axes(self, "gate", kernel_init(cfg), (d, f), pdt, ("embed", "mlp")).astype(dt))
+            up = dense(x, param_with_axes(self, "up", kernel_init(cfg), (d, f), pdt, ("embed", "mlp")).astype(dt))
         down = param_with_axes(self, "down", kernel_init(cfg), (f, d), pdt, ("mlp", "embed")).astype(dt)
-        h = swiglu(dense(x, gate), dense(x, up))  # BTD,DF->BTF: [B, T, F]
+        h = swiglu(gate, up)  # [B, T, F]
         h = nn.with_logical_constraint(h, ("batch", "length", "act_mlp"))
         return dense(h, down)  # BTF,FD->BTD

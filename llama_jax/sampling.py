@@ -357,9 +357,9 @@ class Sampler:
     `Sampler(config, params, tokenizer, mesh=None)` wraps parameters you already have.
 
     `per_layer` (default: on a CPU without a mesh, when a second copy of the weights fits in free memory) keeps
-    one buffer per layer (`model.unstack_layers`) and a per-layer KV cache. On a CPU the scanned model copies
-    every layer's weights out of the stacked arrays at every decode step; per-layer buffers are read in place
-    (bench-135m, batch 1: 45.8 -> 30.6 ms a step). Off elsewhere: TPU compilers read the slices in place,
+    one buffer per layer (`model.unstack_layers`, with q/k/v and gate/up joined) and a per-layer KV cache. On a
+    CPU the scanned model copies every layer's weights out of the stacked arrays at every decode step;
+    per-layer buffers are read in place (see BENCHMARKS.md for the figures). Off elsewhere: TPU compilers read the slices in place,
     and the scanned program compiles in the same time whatever the depth.
     """
 
@@ -378,7 +378,7 @@ class Sampler:
         if per_layer is None:
             per_layer = mesh is None and _on_cpu(params) and _fits_twice(params)
         if per_layer and "layers" in params:
-            params = unstack_layers(params)
+            params = unstack_layers(params, fuse=True)
         self.config, self.params, self.tokenizer, self.mesh = config, params, tokenizer, mesh
         self.stop_ids = tuple(sorted(set(tokenizer.stop_ids) | set(config.eos_token_id)))
 

@@ -128,8 +128,31 @@ def test_sampler_keeps_per_layer_weights_on_cpu():
     params = init_params(cfg, jax.random.PRNGKey(0))
     default, stacked = Sampler(cfg, params, Tok()), Sampler(cfg, params, Tok(), per_layer=False)
     assert "layers_0" in default.params and "layers" in stacked.params
+    assert "qkv" in default.params["layers_0"]["attn"]  # the fused decoding layout
     prompts = [[1, 5, 7], [3, 4]]
     assert default.generate_ids(prompts, 6, temperature=0) == stacked.generate_ids(prompts, 6, temperature=0)
+
+
+def test_fused_decoding_layout_equals_stacked():
+    from llama_jax.quantize import QArray, quantize_params
+
+    cfg = LlamaConfig.from_preset("tiny")
+    params = init_params(cfg, jax.random.PRNGKey(0))
+    tokens = jnp.asarray(np.random.RandomState(4).randint(0, cfg.vocab_size, (2, 7)))
+    model = Llama(cfg)
+    for tree in (params, quantize_params(params)):  # float32 and int8 weights
+        fused = unstack_layers(tree, fuse=True)
+        attn, mlp = fused["layers_0"]["attn"], fused["layers_0"]["mlp"]
+        assert sorted(attn) == ["o", "qkv"] and sorted(mlp) == ["down", "gate_up"]
+        width = (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim
+        assert attn["qkv"].shape == (cfg.hidden_size, width)
+        assert mlp["gate_up"].shape == (cfg.hidden_size, 2 * cfg.intermediate_size)
+        assert isinstance(attn["qkv"], QArray) == (tree is not params)
+        want, want_cache = model.apply({"params": tree}, tokens, cache=init_cache(cfg, 2, 9), cache_index=0)
+        got, got_cache = model.apply({"params": fused}, tokens, cache=init_cache(cfg, 2, 9, per_layer=True),
+                                     cache_index=0)
+        np.testing.assert_allclose(got, want, atol=1e-5)
+        np.testing.assert_allclose(jnp.stack(got_cache["v"]), want_cache["v"], atol=1e-5)
 
 
 def test_unstack_layers_names_a_tree_without_layers():

@@ -226,7 +226,7 @@ def test_sampler_api(tiny_hf_dir):
                          max_new_tokens=5, seed=1)
     assert isinstance(reply, str)
     int8 = Sampler.load(tiny_hf_dir, int8=True)
-    assert isinstance(int8.params["layers_0"]["attn"]["q"], QArray)  # per-layer on a CPU
+    assert isinstance(int8.params["layers_0"]["attn"]["qkv"], QArray)  # per-layer and fused on a CPU
     assert isinstance(int8.generate("the quick fox", max_new_tokens=4), str)
     with pytest.raises(ValueError, match="empty"):
         sampler.generate([""])
