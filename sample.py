@@ -119,4 +119,7 @@ class _Echo:
 
 
 if __name__ == "__main__":
+    from llama_jax.host_memory import reexec_with_huge_pages
+
+    reexec_with_huge_pages()  # huge pages for XLA:CPU's per-call buffers (see llama_jax/host_memory.py)
     sys.exit(main())

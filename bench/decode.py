@@ -12,8 +12,8 @@ and first token) / (new - 1) steps, each the fastest of `--repeats` runs. End-to
 included) is recorded too. One JSON line per (impl, dtype, batch), then a table.
 
 Ours runs twice: `llama_jax` is `generate_ids` on the parameters as loaded (layers stacked [L, ...], the layout
-on TPU) and `llama_jax+per_layer` on `model.unstack_layers(params)` (one buffer per layer and a per-layer KV
-cache), which is what `Sampler` uses by default on a CPU.
+on TPU) and `llama_jax+per_layer` on `model.unstack_layers(params, fuse=True)` (one buffer per layer, q/k/v and gate/up
+joined, and a per-layer KV cache), which is what `Sampler` uses by default on a CPU.
 """
 
 from __future__ import annotations
@@ -89,7 +89,7 @@ def main():
     for dtype in args.dtypes:
         cfg = LlamaConfig.from_preset(args.preset, dtype=dtype, param_dtype=dtype)
         params = init_params(cfg, jax.random.PRNGKey(0))
-        per_layer = unstack_layers(params)
+        per_layer = unstack_layers(params, fuse=True)  # the Sampler's layout on a CPU
         hf = None if args.no_hf else hf_model(cfg, dtype)
         itemsize = jnp.dtype(dtype).itemsize
         for batch in args.batches:
