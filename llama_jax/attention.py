@@ -166,8 +166,9 @@ class Attention(nn.Module):
         k, v = k.transpose(0, 2, 3, 1), v.transpose(0, 2, 1, 3)  # [B, K, H, T] and [B, K, T, H]: the cache's
         new_kv = None
         if cache is not None:
-            # Return only the T new keys/values; the caller writes them into the stacked cache once, so
-            # the cache is updated in place instead of being rebuilt as a second copy by the layer scan.
+            # Under the layer scan, return only the T new keys/values: the caller writes them into the stacked
+            # cache once, in place, instead of the scan stacking a second copy. A per-layer cache (return_cache)
+            # gets back the buffers updated here, so the update is made once.
             new_kv = {"k": k.astype(cache["k"].dtype), "v": v.astype(cache["v"].dtype)}
             squeezed = cache["k"].ndim == 3  # a per-layer cache at batch 1 (see model.init_cache)
             full = write_slots(cache, {n: a[0] for n, a in new_kv.items()} if squeezed else new_kv, cache_index)
