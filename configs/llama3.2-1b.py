@@ -1,12 +1,12 @@
 """Llama 3.2 1B from scratch on a TPU v5e-16 (16 chips, 16 GiB HBM each).
 
-FSDP over the 16 chips: params + Adam state + grads = 16 bytes x 1.24B = 20 GB, 1.2 GB per chip. bf16
-compute on float32 master weights. 1M tokens per step (512 x 2048) as 8 accumulated micro-batches of 4
-sequences per chip; per chip and micro-batch: float32 logits 4 x 2048 x 128256 x 4 bytes = 4.2 GB (and as
-much for their gradient), attention scores 4 x 32 heads x 2048^2 x 4 bytes = 2.1 GB per layer, block inputs
-0.5 GB (full remat). The ahead-of-time compile for v5e:4x4 (python -m llama_jax.aot train --config
-configs/llama3.2-1b.py --topology v5e:4x4) gives 8.4 GiB per chip of 16. Tokenize with a converted
-Llama 3.x checkpoint's tokenizer first:
+FSDP over the 16 chips: params + Adam state + grads = 16 bytes x 1.24B = 20 GB, 1.2 GB per chip. bf16 compute on
+float32 master weights. 1M tokens per step (512 x 2048) as 8 accumulated micro-batches of 4 sequences per chip;
+per chip and micro-batch: float32 logits 4 x 2048 x 128256 x 4 bytes = 4.2 GB (and as much for their gradient),
+attention scores 4 x 32 heads x 2048^2 x 4 bytes = 2.1 GB per layer if held whole (attention runs in causal blocks
+of 256 query rows), block inputs 0.5 GB (full remat). The ahead-of-time compile for v5e:4x4 (python -m
+llama_jax.aot train --config configs/llama3.2-1b.py --topology v5e:4x4) gives 8.9 GiB per chip of 16. Tokenize
+with a converted Llama 3.x checkpoint's tokenizer first:
     python -m llama_jax.data prepare --tokenizer ckpt/llama3.2-1b --out data/llama3 corpus/*.jsonl
 """
 
