@@ -1,11 +1,29 @@
-"""llama_jax: the Llama family in JAX/Flax — model, sharding, conversion, training and sampling."""
+"""llama_jax: the Llama family in JAX/Flax — model, sharding, conversion, training and sampling.
 
-from llama_jax.config import ConfigError, LlamaConfig, RopeScaling
-from llama_jax.model import Llama, init_cache, init_params, param_shapes
-from llama_jax.sampling import Sampler
-from llama_jax.tokenizer import load_tokenizer
-from llama_jax.loading import load
+The public names below load on first use (PEP 562), so `import llama_jax.host_memory` — which the command lines
+run before re-executing themselves with huge pages — does not import jax and flax first.
+"""
 
-__all__ = ["ConfigError", "LlamaConfig", "RopeScaling", "Llama", "init_cache", "init_params", "param_shapes", "load",
-           "Sampler", "load_tokenizer"]
+import importlib
+
+_EXPORTS = {
+    "ConfigError": "llama_jax.config", "LlamaConfig": "llama_jax.config", "RopeScaling": "llama_jax.config",
+    "Llama": "llama_jax.model", "init_cache": "llama_jax.model", "init_params": "llama_jax.model",
+    "param_shapes": "llama_jax.model", "Sampler": "llama_jax.sampling", "load_tokenizer": "llama_jax.tokenizer",
+    "load": "llama_jax.loading",
+}
+
+__all__ = list(_EXPORTS)
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+        globals()[name] = value  # later lookups skip this function
+        return value
+    raise AttributeError(f"module 'llama_jax' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_EXPORTS))
