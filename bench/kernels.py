@@ -63,10 +63,12 @@ def decode_rows(layers: int, dtype: str, read_gbps: float, repeats: int) -> dict
     ours = [jnp.asarray(w, dtype) for w in weights]  # [C, O], as our parameters lie
     theirs = [torch.from_numpy(np.ascontiguousarray(w.T)).to(getattr(torch, dtype)) for w in weights]  # [O, C]
 
+    def mm(a, w):  # as the model computes: weights' dtype in, float32 out
+        return jnp.dot(a.astype(w.dtype), w, preferred_element_type=jnp.float32)
+
     def chain_jax(x, ws):
         for i in range(0, len(ws), 7):
             q, k, v, o, g, u, d = ws[i:i + 7]
-            mm = lambda a, w: jnp.dot(a.astype(w.dtype), w, preferred_element_type=jnp.float32)  # noqa: E731
             att = mm(x, q) + 1e-3 * (jnp.sum(mm(x, k)) + jnp.sum(mm(x, v)))  # keeps k and v live
             x = x + mm(att, o)
             x = x + mm(jax.nn.silu(mm(x, g)) * mm(x, u), d)

@@ -380,9 +380,13 @@ def format_collectives(colls: Sequence[hlo.Collective], limit: int = 8) -> List[
     return lines
 
 
+def _per_device(inputs: Dict[str, int]) -> str:
+    """"  per device: params 1.2 GiB, ..." for the named inputs' per-device bytes."""
+    return "  per device: " + ", ".join(f"{k} {_gib(v)}" for k, v in inputs.items())
+
+
 def format_compiled(c: Compiled, hbm: int) -> List[str]:
-    parts = ", ".join(f"{k} {_gib(v)}" for k, v in c.inputs.items())
-    return [f"  per device: {parts}",
+    return [_per_device(c.inputs),
             f"    temporaries (activations, gradients, workspace) {_gib(c.temp)}, new outputs "
             f"{_gib(c.output - c.alias)}, code {_gib(c.code)}",
             f"    total {_gib(c.total)} of {_gib(hbm)} HBM  ->  {'FITS' if c.total <= hbm else 'DOES NOT FIT'}, "
@@ -396,9 +400,8 @@ _SAMPLE_HINT = "a smaller --batch or --context (the prefill's scores are batch x
 
 
 def format_does_not_fit(e: DoesNotFit, what: str, topology: str, hint: str = _TRAIN_HINT) -> str:
-    parts = ", ".join(f"{k} {_gib(v)}" for k, v in e.inputs.items())
     return (f"AOT {e.name}: {what} on {topology} DOES NOT FIT: the TPU compiler ran out of HBM.\n"
-            f"  per device: {parts}\n  XLA: {e}\n  try: {hint}")
+            f"{_per_device(e.inputs)}\n  XLA: {e}\n  try: {hint}")
 
 
 def format_train(r: TrainReport) -> str:
@@ -537,8 +540,7 @@ def format_sample(r: SampleReport) -> str:
     for c in (r.prefill, r.decode):
         lines.append(f" {c.name}:")
         if isinstance(c, DoesNotFit):
-            parts = ", ".join(f"{k} {_gib(v)}" for k, v in c.inputs.items())
-            lines += [f"  per device: {parts}", f"    DOES NOT FIT: {c}", f"    try: {_SAMPLE_HINT}"]
+            lines += [_per_device(c.inputs), f"    DOES NOT FIT: {c}", f"    try: {_SAMPLE_HINT}"]
             continue
         lines += format_compiled(c, r.topology.hbm_bytes)[:3]
         lines.append(f"    XLA FLOPs per device (layer loop once): {c.xla_flops:.3e}")

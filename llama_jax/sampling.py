@@ -359,8 +359,8 @@ class Sampler:
     `per_layer` (default: on a CPU without a mesh, when a second copy of the weights fits in free memory) keeps
     one buffer per layer (`model.unstack_layers`, with q/k/v and gate/up joined) and a per-layer KV cache. On a
     CPU the scanned model copies every layer's weights out of the stacked arrays at every decode step;
-    per-layer buffers are read in place (see BENCHMARKS.md for the figures). Off elsewhere: TPU compilers read the slices in place,
-    and the scanned program compiles in the same time whatever the depth.
+    per-layer buffers are read in place (see BENCHMARKS.md for the figures). Off elsewhere: TPU compilers read
+    the slices in place, and the scanned program compiles in the same time whatever the depth.
     """
 
     def __init__(self, config: LlamaConfig, params, tokenizer, mesh=None, per_layer: Optional[bool] = None):
