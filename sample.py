@@ -52,7 +52,7 @@ def read_prompts(args):
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.aot:
-        from llama_jax import aot
+        from llama_jax.aot import compile as aot
         return aot.sample_cli(args.checkpoint_config or args.checkpoint or DEFAULT_CHECKPOINT, args.aot,
                               batch=args.batch, context=args.context, int8=args.int8,
                               tensor=args.tensor if args.tensor > 1 else -1)
@@ -72,7 +72,7 @@ def main(argv=None) -> int:
         if args.tensor > 1:
             import jax
 
-            from llama_jax.sharding import make_mesh
+            from llama_jax.parallel.sharding import make_mesh
 
             if args.tensor > len(jax.devices()):
                 raise ValueError(f"--tensor {args.tensor}: only {len(jax.devices())} devices")
@@ -119,7 +119,7 @@ class _Echo:
 
 
 if __name__ == "__main__":
-    from llama_jax.host_memory import reexec_with_huge_pages
+    from llama_jax.cpu.host_memory import reexec_with_huge_pages
 
     reexec_with_huge_pages()  # huge pages for XLA:CPU's per-call buffers (see llama_jax/host_memory.py)
     sys.exit(main())

@@ -20,34 +20,31 @@ def main(argv=None):
                         help="only compile the train step for a TPU slice, e.g. v5p:4x4x4 (no TPU needed; needs "
                              "libtpu), print per-chip memory, FLOPs and collectives; exit 1 if it does not fit")
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. steps=100 mesh.fsdp=8")
-    from llama_jax import distributed
+    from llama_jax.parallel import distributed
     distributed.add_flags(parser)
     args = parser.parse_args(argv)
 
-    from llama_jax import run_config
+    from llama_jax.training import run_config
     try:
         cfg = run_config.build(args.config, args.overrides)
     except run_config.RunConfigError as e:
         sys.exit(f"error: {e}")
     if args.aot:
-        from llama_jax import aot
+        from llama_jax.aot import compile as aot
         sys.exit(aot.train_cli(cfg, args.aot, args.config))
 
     distributed.initialize_from_args(args)
 
-    from llama_jax import checkpoint, config, data, sharding, sources, tokenizer, trainer
-    from llama_jax.run_checkpoint import CheckpointError
-    # Errors about the user's inputs (paths, configs, data, checkpoints) end the run with one line.
-    user_errors = (trainer.TrainError, CheckpointError, checkpoint.CheckpointError, config.ConfigError,
-                   data.DataError, sharding.MeshError, sources.ConversionError, tokenizer.TokenizerError)
+    from llama_jax.errors import LlamaJaxError
+    from llama_jax.training import loop
     try:
-        trainer.train(cfg, progress=not args.no_progress)
-    except user_errors as e:
+        loop.train(cfg, progress=not args.no_progress)
+    except LlamaJaxError as e:  # the user's inputs (paths, configs, data, checkpoints): one line, no traceback
         sys.exit(f"error: {e}")
 
 
 if __name__ == "__main__":
-    from llama_jax.host_memory import reexec_with_huge_pages
+    from llama_jax.cpu.host_memory import reexec_with_huge_pages
 
     reexec_with_huge_pages()  # huge pages for XLA:CPU's per-call buffers (see llama_jax/host_memory.py)
     main()

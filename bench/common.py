@@ -22,7 +22,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # Huge pages for XLA:CPU's per-call buffers, as train.py and sample.py run (llama_jax/host_memory.py): the
 # script starts again with GLIBC_TUNABLES set. torch's caching allocator reuses its memory either way.
-from llama_jax.host_memory import reexec_with_huge_pages  # noqa: E402
+from llama_jax.cpu.host_memory import reexec_with_huge_pages  # noqa: E402
 
 reexec_with_huge_pages()
 

@@ -21,8 +21,8 @@ import jax
 import jax.numpy as jnp
 
 from llama_jax import LlamaConfig, param_shapes
-from llama_jax.sharding import make_mesh
-from llama_jax.train_step import TrainState, make_optimizer, make_train_step, state_shardings
+from llama_jax.parallel.sharding import make_mesh
+from llama_jax.training.step import TrainState, make_optimizer, make_train_step, state_shardings
 
 
 def compile_seconds(cfg: LlamaConfig, batch: int, seq: int) -> dict:

@@ -46,9 +46,9 @@ def write_synthetic_hf(config, directory: str, seed: int = 0) -> int:
     """A random HF checkpoint, one tensor in memory at a time. Returns the bytes of tensor data."""
     import numpy as np
 
-    from llama_jax import layout
-    from llama_jax.safetensors_io import SafetensorsWriter
-    from llama_jax.sources import dtype_of
+    from llama_jax.io import layout
+    from llama_jax.io.safetensors_io import SafetensorsWriter
+    from llama_jax.io.sources import dtype_of
 
     os.makedirs(directory)
     rng = np.random.default_rng(seed)
@@ -95,8 +95,8 @@ def convert_measured(src: str, dst: str, *flags: str):
 def spot_check(config, src: str, dst: str) -> None:
     import numpy as np
 
-    from llama_jax.checkpoint import ParamsReader
-    from llama_jax.sources import HFSource
+    from llama_jax.io.checkpoint import ParamsReader
+    from llama_jax.io.sources import HFSource
 
     name = f"model.layers.{config.num_layers - 1}.mlp.down_proj.weight"
     ours = ParamsReader(dst).read("layers.mlp.down", (config.num_layers - 1,))

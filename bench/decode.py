@@ -1,4 +1,4 @@
-"""Decode throughput: our compiled sampler (`llama_jax.sampling.generate_ids`, greedy, prefill + while_loop
+"""Decode throughput: our compiled sampler (`llama_jax.sampling.sampler.generate_ids`, greedy, prefill + while_loop
 decode) against transformers' `generate` (greedy, KV cache, `min_new_tokens` = `max_new_tokens` so both make
 exactly the same number of tokens), at batch 1 and 8, float32 and bfloat16 weights, and against the memory
 roofline: the bytes a decode step must read (every weight once, plus the KV cache of the context so far)
@@ -28,9 +28,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from llama_jax import LlamaConfig, init_params
-from llama_jax.sampling import Greedy, generate_ids
+from llama_jax.sampling.sampler import Greedy, generate_ids
 
-from llama_jax.model import unstack_layers
+from llama_jax.model.transformer import unstack_layers
 
 
 def step_bytes(cfg: LlamaConfig, batch: int, context: float, itemsize: int) -> float:

@@ -31,7 +31,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from llama_jax import LlamaConfig, init_params  # noqa: E402
-from llama_jax.flops import peak_flops, train_flops_per_token  # noqa: E402
+from llama_jax.model.flops import peak_flops, train_flops_per_token  # noqa: E402
 
 # HBM bandwidth, bytes/s, from the vendors' data sheets (SXM parts unless the name says PCIe).
 PEAK_BANDWIDTH = {"h200": 4.8e12, "h100 pcie": 2.0e12, "h100": 3.35e12, "a100-sxm4-80gb": 2.039e12,
@@ -61,8 +61,8 @@ def measured_copy_bandwidth(gib: float) -> float:
 
 
 def bench_train(cfg: LlamaConfig, batch: int, seq: int, steps: int, peak) -> dict:
-    from llama_jax.sharding import make_mesh
-    from llama_jax.train_step import init_train_state, make_optimizer, make_train_step, state_shardings
+    from llama_jax.parallel.sharding import make_mesh
+    from llama_jax.training.step import init_train_state, make_optimizer, make_train_step, state_shardings
 
     mesh = make_mesh(1, 1, 1, devices=jax.devices()[:1])
     optimizer = make_optimizer(1e-4)
@@ -90,7 +90,7 @@ def bench_train(cfg: LlamaConfig, batch: int, seq: int, steps: int, peak) -> dic
 
 
 def bench_decode(cfg: LlamaConfig, params, batch: int, prompt: int, new: int, chip_bw, copy_bw) -> dict:
-    from llama_jax.sampling import Greedy, generate_ids
+    from llama_jax.sampling.sampler import Greedy, generate_ids
 
     prompts = np.random.default_rng(batch).integers(3, cfg.vocab_size, (batch, prompt)).tolist()
     run = lambda n: generate_ids(params, cfg, prompts, max_new_tokens=n, strategy=Greedy())  # noqa: E731

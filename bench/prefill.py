@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from llama_jax import Llama, LlamaConfig, init_cache, init_params
-from llama_jax.flops import matmul_params
+from llama_jax.model.flops import matmul_params
 
 
 def make_prefill(cfg: LlamaConfig):

@@ -1,6 +1,6 @@
-"""Training-step throughput and MFU: our jitted train step (forward, backward, AdamW; `llama_jax.train_step`)
+"""Training-step throughput and MFU: our jitted train step (forward, backward, AdamW; `llama_jax.training.step`)
 against transformers' LlamaForCausalLM + torch.optim.AdamW, same config, batch and sequence, float32, in one
-process. MFU = analytic model FLOPs per second (`llama_jax.flops.train_flops_per_token`: 6 x matmul weights + causal
+process. MFU = analytic model FLOPs per second (`llama_jax.model.flops.train_flops_per_token`: 6 x matmul weights + causal
 attention) / the dense float32 matmul peak measured in the same run.
 
     python bench/train.py                       # bench-20m and bench-120m, batch 4, sequence 512
@@ -23,12 +23,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from llama_jax import LlamaConfig, init_params
-from llama_jax.flops import train_flops_per_token
+from llama_jax.model.flops import train_flops_per_token
 
 
 def bench_ours(cfg: LlamaConfig, tokens: np.ndarray, steps: int, lr: float) -> dict:
-    from llama_jax.sharding import make_mesh
-    from llama_jax.train_step import init_train_state, make_optimizer, make_train_step, state_shardings
+    from llama_jax.parallel.sharding import make_mesh
+    from llama_jax.training.step import init_train_state, make_optimizer, make_train_step, state_shardings
 
     mesh = make_mesh(1, 1, 1, devices=jax.devices()[:1])
     # No clipping, no decay mask subtleties: the same update rule as the torch side (plain AdamW).

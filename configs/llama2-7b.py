@@ -9,7 +9,7 @@ converted Llama 2 checkpoint's SentencePiece tokenizer (vocab 32000):
     python -m llama_jax.data prepare --tokenizer ckpt/llama2-7b --out data/llama2 corpus/*.jsonl
 """
 
-from llama_jax.run_config import DataSection, MeshSection, ModelSection, OptimSection, RunConfig
+from llama_jax.training.run_config import DataSection, MeshSection, ModelSection, OptimSection, RunConfig
 
 
 def get_config() -> RunConfig:

@@ -8,7 +8,7 @@ inputs 8192 x 16384 x 2 bytes x 126 layers = 34 GB (full remat). The ahead-of-ti
 46.1 GiB per chip of 95.
 """
 
-from llama_jax.run_config import DataSection, MeshSection, ModelSection, OptimSection, RunConfig
+from llama_jax.training.run_config import DataSection, MeshSection, ModelSection, OptimSection, RunConfig
 
 
 def get_config() -> RunConfig:

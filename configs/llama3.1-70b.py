@@ -8,7 +8,7 @@ query rows), logits 2.1 GB, block inputs 2 x 8192 x 8192 x 2 bytes x 80 layers =
 ahead-of-time compile for v5p:4x8x8 gives 36.9 GiB per chip of 95.
 """
 
-from llama_jax.run_config import DataSection, MeshSection, ModelSection, OptimSection, RunConfig
+from llama_jax.training.run_config import DataSection, MeshSection, ModelSection, OptimSection, RunConfig
 
 
 def get_config() -> RunConfig:

@@ -9,7 +9,7 @@ of 95. For continued pretraining or fine-tuning of the released model add init_f
 checkpoint) and a lower optim.lr.
 """
 
-from llama_jax.run_config import DataSection, MeshSection, ModelSection, OptimSection, RunConfig
+from llama_jax.training.run_config import DataSection, MeshSection, ModelSection, OptimSection, RunConfig
 
 
 def get_config() -> RunConfig:

@@ -10,7 +10,7 @@ with a converted Llama 3.x checkpoint's tokenizer first:
     python -m llama_jax.data prepare --tokenizer ckpt/llama3.2-1b --out data/llama3 corpus/*.jsonl
 """
 
-from llama_jax.run_config import MeshSection, ModelSection, OptimSection, RunConfig, DataSection
+from llama_jax.training.run_config import MeshSection, ModelSection, OptimSection, RunConfig, DataSection
 
 
 def get_config() -> RunConfig:

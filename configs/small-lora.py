@@ -3,7 +3,7 @@
     python train.py && python train.py --config configs/small-lora.py
 """
 
-from llama_jax.run_config import LoraSection, OptimSection, RunConfig
+from llama_jax.training.run_config import LoraSection, OptimSection, RunConfig
 
 
 def get_config() -> RunConfig:

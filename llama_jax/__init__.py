@@ -1,6 +1,6 @@
 """llama_jax: the Llama family in JAX/Flax — model, sharding, conversion, training and sampling.
 
-The public names below load on first use (PEP 562), so `import llama_jax.host_memory` — which the command lines
+The public names below load on first use (PEP 562), so `import llama_jax.cpu.host_memory` — which the command lines
 run before re-executing themselves with huge pages — does not import jax and flax first.
 """
 
@@ -8,9 +8,9 @@ import importlib
 
 _EXPORTS = {
     "ConfigError": "llama_jax.config", "LlamaConfig": "llama_jax.config", "RopeScaling": "llama_jax.config",
-    "Llama": "llama_jax.model", "init_cache": "llama_jax.model", "init_params": "llama_jax.model",
-    "param_shapes": "llama_jax.model", "Sampler": "llama_jax.sampling", "load_tokenizer": "llama_jax.tokenizer",
-    "load": "llama_jax.loading",
+    "Llama": "llama_jax.model.transformer", "init_cache": "llama_jax.model.transformer", "init_params": "llama_jax.model.transformer",
+    "param_shapes": "llama_jax.model.transformer", "Sampler": "llama_jax.sampling.sampler", "load_tokenizer": "llama_jax.text.tokenizer",
+    "load": "llama_jax.io.loading",
 }
 
 __all__ = list(_EXPORTS)

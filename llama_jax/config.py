@@ -12,16 +12,13 @@ import json
 import math
 import os
 from typing import Any, Mapping, Optional, Tuple, Union
+from llama_jax.errors import ConfigError  # noqa: F401 (also re-exported)
 
 PathOrDict = Union[str, os.PathLike, Mapping[str, Any]]
 
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "save_qkv_proj")
 DTYPES = ("float32", "bfloat16", "float16")
 ROPE_TYPES = ("default", "linear", "llama3")
-
-
-class ConfigError(ValueError):
-    """A config file or value that cannot describe a Llama model."""
 
 
 @dataclasses.dataclass(frozen=True)

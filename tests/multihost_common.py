@@ -4,9 +4,9 @@ import jax
 import numpy as np
 
 from llama_jax import LlamaConfig
-from llama_jax import distributed
-from llama_jax import train_step as ts
-from llama_jax.sharding import init_sharded_params
+from llama_jax.parallel import distributed
+from llama_jax.training import step as ts
+from llama_jax.parallel.sharding import init_sharded_params
 
 MESH = (2, 2, 2)  # (data, fsdp, tensor): data crosses the two processes, tensor stays within one
 CONFIG = LlamaConfig.from_preset("tiny", num_heads=4, num_kv_heads=2, hidden_size=32, intermediate_size=64,

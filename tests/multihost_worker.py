@@ -14,7 +14,7 @@ os.environ["JAX_PLATFORMS"] = "cpu"
 os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from llama_jax import distributed  # noqa: E402
+from llama_jax.parallel import distributed  # noqa: E402
 
 
 def main():
@@ -25,7 +25,7 @@ def main():
     from multihost_common import MESH, run_steps, make_batches
 
     assert jax.device_count() == 4 * num_processes and jax.local_device_count() == 4, jax.devices()
-    from llama_jax.sharding import make_mesh
+    from llama_jax.parallel.sharding import make_mesh
     mesh = make_mesh(*MESH)
     # tensor is the innermost axis: each tensor-parallel group lies within one process (host).
     for group in mesh.devices.reshape(-1, mesh.shape["tensor"]):
@@ -41,7 +41,7 @@ def main():
     import numpy as np
     import orbax.checkpoint as ocp
     from jax.experimental import multihost_utils
-    from llama_jax import checkpoint
+    from llama_jax.io import checkpoint
     from multihost_common import CONFIG
 
     ckpt_dir = out + ".ckpt"

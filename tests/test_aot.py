@@ -8,8 +8,11 @@ import pytest
 
 pytest.importorskip("libtpu", reason="needs the TPU compiler wheel (requirements-test.txt: libtpu)")
 
-from llama_jax import aot, flops, hlo, run_config  # noqa: E402
-from llama_jax.model import param_shapes  # noqa: E402
+from llama_jax.aot import compile as aot
+from llama_jax.model import flops
+from llama_jax.aot import hlo
+from llama_jax.training import run_config  # noqa: E402
+from llama_jax.model.transformer import param_shapes  # noqa: E402
 
 TOPOLOGY = "v5e:2x2"
 # small preset (vocab 2048, D 256, 4 layers), bf16 compute over f32 master weights, full remat;

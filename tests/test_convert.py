@@ -12,9 +12,9 @@ import pytest
 
 from hf_util import make_hf_model
 from llama_jax import LlamaConfig, load
-from llama_jax.convert import convert_to_llama_jax, main
-from llama_jax.safetensors_io import SafetensorsFile, SafetensorsWriter, write_arrays
-from llama_jax.sources import ConversionError
+from llama_jax.io.convert import convert_to_llama_jax, main
+from llama_jax.io.safetensors_io import SafetensorsFile, SafetensorsWriter, write_arrays
+from llama_jax.io.sources import ConversionError
 
 
 @pytest.fixture(scope="module")
@@ -157,7 +157,7 @@ def test_existing_destination_needs_force(src, tmp_path, capsys):
 
 
 def test_failure_while_writing_leaves_nothing(src, tmp_path, monkeypatch):
-    import llama_jax.convert as convert
+    import llama_jax.io.convert as convert
 
     calls = []
 
@@ -235,8 +235,8 @@ def test_export_reads_a_default_orbax_checkpoint(tmp_path):
 
     from hf_util import hf_logits
     from llama_jax import Llama, init_params
-    from llama_jax.checkpoint import write_metadata
-    from llama_jax.convert import export_to_hf
+    from llama_jax.io.checkpoint import write_metadata
+    from llama_jax.io.convert import export_to_hf
 
     config = LlamaConfig.from_preset("tiny")
     params = init_params(config, jax.random.PRNGKey(0))

@@ -10,8 +10,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from llama_jax import LlamaConfig, data, init_params
-from llama_jax.model import Llama
+from llama_jax import LlamaConfig, init_params
+from llama_jax.training import data
+from llama_jax.model.transformer import Llama
 
 
 # $LLAMA_JAX_CACHE of the tests: the built-in corpus is built once per machine, shared by all training tests.
@@ -20,7 +21,7 @@ CACHE_ROOT = os.path.join(tempfile.gettempdir(), "llama_jax-test-cache")
 
 def corpus_dir(vocab: int = 512) -> str:
     """The built-in corpus at a small vocabulary (what `python train.py` builds for that vocabulary)."""
-    from llama_jax import corpus
+    from llama_jax.training import corpus
     return corpus.ensure_default_corpus(vocab, cache_dir=corpus.default_cache_dir(CACHE_ROOT), verbose=False)
 
 

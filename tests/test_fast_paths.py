@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 
 from llama_jax import Llama, LlamaConfig, init_cache, init_params
-from llama_jax.attention import _attend
-from llama_jax.layers import dense, swiglu
-from llama_jax.model import unstack_layers
+from llama_jax.model.attention import _attend
+from llama_jax.model.layers import dense, swiglu
+from llama_jax.model.transformer import unstack_layers
 
 
 def _grads(f, *args):
@@ -88,7 +88,7 @@ def test_unstacked_layers_equal_stacked():
     for name in ("k", "v"):
         np.testing.assert_allclose(got_cache[name], want_cache[name], atol=1e-5)
 
-    from llama_jax.sampling import generate_ids
+    from llama_jax.sampling.sampler import generate_ids
     prompts = [[1, 5, 7], [3, 4]]
     assert generate_ids(split, cfg, prompts, max_new_tokens=5) == generate_ids(params, cfg, prompts, max_new_tokens=5)
 
@@ -119,7 +119,7 @@ def test_per_layer_cache_equals_stacked_cache(batch):
 
 
 def test_sampler_keeps_per_layer_weights_on_cpu():
-    from llama_jax.sampling import Sampler
+    from llama_jax.sampling.sampler import Sampler
 
     class Tok:  # just enough tokenizer for generate_ids
         vocab_size, stop_ids = 16, ()
@@ -134,7 +134,7 @@ def test_sampler_keeps_per_layer_weights_on_cpu():
 
 
 def test_fused_decoding_layout_equals_stacked():
-    from llama_jax.quantize import QArray, quantize_params
+    from llama_jax.model.quantize import QArray, quantize_params
 
     cfg = LlamaConfig.from_preset("tiny")
     params = init_params(cfg, jax.random.PRNGKey(0))
@@ -161,7 +161,7 @@ def test_unstack_layers_names_a_tree_without_layers():
 
 
 def test_blocked_causal_attention_equals_one_block(monkeypatch):
-    from llama_jax import attention
+    from llama_jax.model import attention
 
     cfg = LlamaConfig.from_preset("tiny", num_kv_heads=1)
     params = init_params(cfg, jax.random.PRNGKey(0))

@@ -7,13 +7,13 @@ import sys
 
 import pytest
 
-from llama_jax import host_memory
+from llama_jax.cpu import host_memory
 
 # malloc and touch a fresh 64 MiB buffer (glibc serves it with a new mapping, as it serves XLA:CPU's
 # buffers); print the minor page faults. Not numpy: it asks for huge pages for its own large arrays.
 PROBE = """
 import ctypes, os, resource
-from llama_jax.host_memory import reexec_with_huge_pages
+from llama_jax.cpu.host_memory import reexec_with_huge_pages
 reexec_with_huge_pages()
 libc = ctypes.CDLL(None)
 libc.malloc.restype = ctypes.c_void_p

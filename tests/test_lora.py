@@ -10,8 +10,10 @@ import numpy as np
 
 from test_data import corpus_dir
 
-from llama_jax import LlamaConfig, init_params, lora, run_config, trainer
-from llama_jax.model import Llama
+from llama_jax import LlamaConfig, init_params
+from llama_jax.training import lora, run_config
+from llama_jax.training import loop as trainer
+from llama_jax.model.transformer import Llama
 
 TARGETS = ("q", "v", "o", "down")
 
@@ -66,7 +68,7 @@ def test_lora_trains_adapters_only_and_merge_exports(tmp_path):
     import torch
     from transformers import LlamaForCausalLM
 
-    from llama_jax.convert import export_to_hf
+    from llama_jax.io.convert import export_to_hf
     hf_dir = str(tmp_path / "hf")
     export_to_hf(os.path.join(cfg.workdir, "export"), hf_dir, progress=False)
     model = LlamaForCausalLM.from_pretrained(hf_dir, torch_dtype=torch.float32).eval()
@@ -86,7 +88,7 @@ def test_lora_shapes_shardings_and_zero_start():
     params = init_params(config, jax.random.PRNGKey(1))
     # B = 0 at the start: the adapted model is the base model exactly
     jax.tree.map(np.testing.assert_array_equal, lora.merge(params, adapters, 16.0), params)
-    from llama_jax.sharding import make_mesh
+    from llama_jax.parallel.sharding import make_mesh
     mesh = make_mesh(1, 2, 4)
     sh = lora.lora_shardings(config, 2, ("q", "o", "gate"), mesh)
     assert sh["layers"]["attn"]["q"]["a"].spec == jax.sharding.PartitionSpec(None, "fsdp", None)

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from multihost_common import MESH, make_batches, run_steps
-from llama_jax.sharding import make_mesh
+from llama_jax.parallel.sharding import make_mesh
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TIMEOUT_S = 180  # generous for a loaded 2-core CI machine; both processes are killed past it
@@ -62,7 +62,7 @@ def test_two_processes_train_like_one(tmp_path):
     import jax
 
     from llama_jax import load
-    from llama_jax.sharding import param_shardings
+    from llama_jax.parallel.sharding import param_shardings
 
     main, other = _run_two_processes(tmp_path)
     # Each process loaded only its half of every global batch.
@@ -97,7 +97,7 @@ def test_initialize_flags_and_single_process_batches():
 
     import pytest
 
-    from llama_jax import distributed
+    from llama_jax.parallel import distributed
 
     args = distributed.add_flags(argparse.ArgumentParser()).parse_args(
         ["--coordinator_address", "127.0.0.1:1234", "--num_processes", "2", "--process_id", "1"])

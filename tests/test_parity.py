@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 
 from hf_util import hf_logits, make_hf_model
-from llama_jax import Llama, LlamaConfig, layout, load
-from llama_jax.convert import convert_to_llama_jax, export_to_hf
-from llama_jax.sharding import make_mesh, use_mesh
+from llama_jax import Llama, LlamaConfig, load
+from llama_jax.io import layout
+from llama_jax.io.convert import convert_to_llama_jax, export_to_hf
+from llama_jax.parallel.sharding import make_mesh, use_mesh
 
 TOL = 1e-4
 
@@ -70,7 +71,7 @@ def test_convert_and_load_match_transformers(tmp_path, name):
 
 def test_tied_checkpoint_that_also_stores_lm_head(tmp_path):
     """Some tied HF checkpoints carry lm_head.weight as well; it is accepted and ignored."""
-    from llama_jax.safetensors_io import SafetensorsFile, write_arrays
+    from llama_jax.io.safetensors_io import SafetensorsFile, write_arrays
 
     config, model, src = save_hf(tmp_path, "tied", VARIANTS["llama3.2-tied"][0], None)
     f = SafetensorsFile(str(src / "model.safetensors"))

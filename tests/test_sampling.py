@@ -13,9 +13,9 @@ import pytest
 
 from hf_util import make_hf_model
 from llama_jax import Llama, LlamaConfig, Sampler, init_params
-from llama_jax.layout import hf_entries, hf_to_ours
-from llama_jax.quantize import QArray, quantize_params, tree_bytes
-from llama_jax.sampling import (Greedy, Sample, Temperature, TopK, TopP, _generate, bucket, decode_continuation,
+from llama_jax.io.layout import hf_entries, hf_to_ours
+from llama_jax.model.quantize import QArray, quantize_params, tree_bytes
+from llama_jax.sampling.sampler import (Greedy, Sample, Temperature, TopK, TopP, _generate, bucket, decode_continuation,
                                 generate_ids, make_strategy)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -128,9 +128,9 @@ def test_per_sequence_stop_and_bucketing(tiny):
 def test_mesh_gives_single_device_tokens(tiny, mesh_shape):
     from jax.sharding import PartitionSpec as P
 
-    from llama_jax.model import unstack_layers
-    from llama_jax.sampling import kv_cache_sharding
-    from llama_jax.sharding import make_mesh, param_shardings
+    from llama_jax.model.transformer import unstack_layers
+    from llama_jax.sampling.sampler import kv_cache_sharding
+    from llama_jax.parallel.sharding import make_mesh, param_shardings
 
     cfg, params = tiny
     mesh = make_mesh(*mesh_shape, devices=jax.devices()[:int(np.prod(mesh_shape))])
@@ -154,7 +154,7 @@ def test_mesh_gives_single_device_tokens(tiny, mesh_shape):
 
 
 def test_int8_halves_memory_and_bounds_logits(tiny):
-    from llama_jax.model import param_shapes
+    from llama_jax.model.transformer import param_shapes
 
     cfg, sharp = tiny
     # weights at the usual init scale (0.02): the sharp test model amplifies any perturbation chaotically

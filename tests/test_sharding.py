@@ -9,8 +9,8 @@ import optax
 import pytest
 
 from llama_jax import Llama, LlamaConfig, init_params
-from llama_jax import train_step as ts
-from llama_jax.sharding import (MeshError, device_bytes, make_mesh, make_rules, param_bytes_per_device,
+from llama_jax.training import step as ts
+from llama_jax.parallel.sharding import (MeshError, device_bytes, make_mesh, make_rules, param_bytes_per_device,
                                 param_shardings)
 
 # 8 heads, 2 KV heads, every dimension divisible by 8, so every mesh of 8 devices can split it.
@@ -231,7 +231,8 @@ def test_cross_mesh_restore(tmp_path, params0):
     """Saved on (1,8,1) (fsdp), restored with llama_jax.load onto (2,1,4) and onto one device: identical."""
     import orbax.checkpoint as ocp
 
-    from llama_jax import checkpoint, load
+    from llama_jax import load
+    from llama_jax.io import checkpoint
 
     mesh = make_mesh(1, 8, 1)
     params = jax.device_put(params0, param_shardings(CFG, mesh))
@@ -257,7 +258,7 @@ def test_cross_mesh_restore(tmp_path, params0):
 
 def test_sharded_init_equals_unsharded_init(params0):
     """Parameters initialised straight into their shardings (under jit) are the unsharded ones."""
-    from llama_jax.sharding import init_sharded_params
+    from llama_jax.parallel.sharding import init_sharded_params
 
     mesh = make_mesh(2, 2, 2)
     params = init_sharded_params(CFG, mesh, jax.random.PRNGKey(0))

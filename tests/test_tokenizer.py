@@ -8,7 +8,7 @@ import random
 
 import pytest
 
-from llama_jax.tokenizer import (HFTokenizer, SentencePieceTokenizer, TiktokenTokenizer, TokenizerError,
+from llama_jax.text.tokenizer import (HFTokenizer, SentencePieceTokenizer, TiktokenTokenizer, TokenizerError,
                                  llama3_special_tokens, load_tokenizer)
 
 WORDS = ("the quick brown fox jumps over lazy dog llama jax token model sample prompt chat héllo wörld naïve "
@@ -72,7 +72,7 @@ def bpe_dir(tmp_path_factory):
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
     from tokenizers.pre_tokenizers import ByteLevel, Split
 
-    from llama_jax.tokenizer import LLAMA3_PATTERN
+    from llama_jax.text.tokenizer import LLAMA3_PATTERN
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.Sequence([Split(Regex(LLAMA3_PATTERN), behavior="isolated"),
@@ -222,7 +222,7 @@ def test_checkpoint_files_add_template_and_stop_ids(bpe_dir, tmp_path):
 def test_continuation_keeps_its_leading_space(sp_dir):
     """A completion decoded alone loses SentencePiece's leading space ("▁fox" -> "fox"); decoded after the
     prompt's last token it reads "The quick" + " brown fox", for the returned text and the streamed text."""
-    from llama_jax.sampling import TextStream, decode_continuation
+    from llama_jax.sampling.sampler import TextStream, decode_continuation
 
     tok = load_tokenizer(sp_dir)
     prompt, new = tok.encode("The quick"), tok.encode("brown fox", bos=False)

@@ -14,8 +14,8 @@ import pytest
 
 from test_data import CACHE_ROOT, corpus_dir
 
-from llama_jax import run_config
-from llama_jax.metrics import read_jsonl
+from llama_jax.training import run_config
+from llama_jax.training.metrics import read_jsonl
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # A fast version of the default run: the same pipeline (built-in corpus, SentencePiece, packing, Orbax)
@@ -80,7 +80,7 @@ def test_default_run_short_loss_falls_and_writes_a_loadable_checkpoint(tmp_path)
     assert sorted(os.listdir(os.path.join(work, "checkpoints"))) == ["10", "20", "25"]
     # what sample.py reads: llama_jax.load + load_tokenizer on the workdir
     import llama_jax
-    from llama_jax.tokenizer import load_tokenizer
+    from llama_jax.text.tokenizer import load_tokenizer
     config, params = llama_jax.load(work)
     assert config.vocab_size == 512 and config.num_layers == 2
     assert load_tokenizer(work).vocab_size == 512
@@ -137,7 +137,7 @@ def test_sigkill_and_sigterm_then_resume_equal_an_uninterrupted_run(tmp_path):
 
 # ------------------------------------------------------------------------------------------- accumulation
 def test_grad_accumulation_equals_a_k_times_larger_batch(tmp_path):
-    from llama_jax import trainer
+    from llama_jax.training import loop as trainer
     path = corpus_dir()
     results = []
     for k in (1, 4):
@@ -189,8 +189,8 @@ def test_two_processes_of_four_devices_train_like_one_of_eight(tmp_path):
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
     import jax.numpy as jnp
 
-    from llama_jax import trainer
-    from llama_jax.run_checkpoint import RunCheckpointer
+    from llama_jax.training import loop as trainer
+    from llama_jax.training.checkpoints import RunCheckpointer
 
     real = trainer.ts.make_train_step
 
@@ -221,7 +221,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch
     ("seq_len=1024", "exceeds the model's max_position_embeddings"),
 ])
 def test_bad_setups_are_reported_before_compilation(tmp_path, monkeypatch, override, message):
-    from llama_jax import trainer
+    from llama_jax.training import loop as trainer
 
     def no_compile(*a, **k):
         raise AssertionError("compiled before the error was reported")
@@ -236,7 +236,7 @@ def test_bad_setups_are_reported_before_compilation(tmp_path, monkeypatch, overr
 def test_missing_data_file_is_named(tmp_path):
     import shutil
 
-    from llama_jax import trainer
+    from llama_jax.training import loop as trainer
     data_copy = str(tmp_path / "tokens")
     shutil.copytree(corpus_dir(), data_copy)
     os.remove(os.path.join(data_copy, "val.bin"))
@@ -250,7 +250,8 @@ def test_missing_data_file_is_named(tmp_path):
 def test_flops_per_token_counts_every_matmul_weight(preset):
     import math
 
-    from llama_jax import LlamaConfig, flops, param_shapes
+    from llama_jax import LlamaConfig, param_shapes
+    from llama_jax.model import flops
     config = LlamaConfig.from_preset(preset)
     shapes = param_shapes(config)
     # the stacked projections (rank >= 3) and the output head are one matmul per token; the embedding lookup
@@ -271,7 +272,7 @@ def jax_leaves_with_path(tree):
 
 
 def test_metrics_without_a_progress_bar_print_plain_lines(tmp_path, capsys):
-    from llama_jax.metrics import MetricsLogger
+    from llama_jax.training.metrics import MetricsLogger
 
     log = MetricsLogger(str(tmp_path), total_steps=40, progress=False, tensorboard=False)
     for step in range(1, 41):

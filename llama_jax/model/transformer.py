@@ -21,10 +21,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from llama_jax.attention import Attention, cache_mask, causal_mask, write_slots
+from llama_jax.model.attention import Attention, cache_mask, causal_mask, write_slots
 from llama_jax.config import LlamaConfig
-from llama_jax.layers import MLP, Embedding, RMSNorm, dense, dtype_of, kernel_init, param_with_axes
-from llama_jax.rope import rotary_tables
+from llama_jax.model.layers import MLP, Embedding, RMSNorm, dense, dtype_of, kernel_init, param_with_axes
+from llama_jax.model.rope import rotary_tables
 
 PARAM_LAYOUT = "llama_jax/stacked-v1"
 
@@ -176,7 +176,7 @@ def unstack_layers(params: dict, fuse: bool = False) -> dict:
 
 def _join(weights: list):
     """Input-side weights [D, ...] (arrays or int8 QArrays) as one [D, sum of their output sizes]."""
-    from llama_jax.quantize import QArray
+    from llama_jax.model.quantize import QArray
 
     if isinstance(weights[0], QArray):  # one scale per output channel: the scales join like the values
         return QArray(_join([w.q for w in weights]), _join([w.scale for w in weights]))

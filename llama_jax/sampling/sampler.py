@@ -25,8 +25,8 @@ import numpy as np
 from jax.sharding import NamedSharding
 
 from llama_jax.config import LlamaConfig
-from llama_jax.model import Llama, cache_axes, init_cache, unstack_layers
-from llama_jax.sharding import logical_to_spec, use_mesh
+from llama_jax.model.transformer import Llama, cache_axes, init_cache, unstack_layers
+from llama_jax.parallel.sharding import logical_to_spec, use_mesh
 
 NEG_INF = -1e30  # a finite "minus infinity": keeps softmax free of NaNs even when a row is all masked
 
@@ -368,8 +368,8 @@ class Sampler:
             raise ValueError(f"tokenizer {getattr(tokenizer, 'path', tokenizer)!r} has {tokenizer.vocab_size} tokens "
                              f"but the model's vocabulary has only {config.vocab_size}: they do not belong together")
         if mesh is not None:  # place (or keep) the weights in their shardings; a no-op when already there
-            from llama_jax.quantize import QArray, quantized_shardings
-            from llama_jax.sharding import param_shardings
+            from llama_jax.model.quantize import QArray, quantized_shardings
+            from llama_jax.parallel.sharding import param_shardings
 
             shardings = param_shardings(config, mesh)
             if any(isinstance(x, QArray) for x in jax.tree.leaves(params, is_leaf=lambda x: isinstance(x, QArray))):
@@ -391,7 +391,7 @@ class Sampler:
         import os
 
         import llama_jax
-        from llama_jax.tokenizer import load_tokenizer
+        from llama_jax.text.tokenizer import load_tokenizer
 
         path = os.fspath(path)
         if not os.path.isdir(path):
@@ -407,8 +407,8 @@ class Sampler:
         if dtype is not None:  # compute in the requested dtype too (logits and softmax stay float32)
             config = config.replace(dtype=jnp.dtype(dtype).name)
         if int8:
-            from llama_jax.quantize import quantize_params
-            from llama_jax.sharding import param_shardings
+            from llama_jax.model.quantize import quantize_params
+            from llama_jax.parallel.sharding import param_shardings
 
             params = quantize_params(params, param_shardings(config, mesh) if mesh is not None else None)
         return cls(config, params, tokenizer, mesh=mesh, per_layer=per_layer)

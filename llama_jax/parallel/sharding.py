@@ -25,6 +25,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from llama_jax.config import LlamaConfig
+from llama_jax.errors import MeshError  # noqa: F401 (also re-exported)
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
@@ -51,10 +52,6 @@ DEFAULT_RULES: Tuple[Tuple[str, object], ...] = (
 # Logical axes that may be replicated instead of split when their size does not divide the mesh axis
 # (Llama 3 has 8 KV heads; a tensor axis of 16 replicates them rather than failing).
 REPLICATE_IF_INDIVISIBLE = ("kv_heads", "act_heads", "act_vocab", "batch", "cache_batch")
-
-
-class MeshError(ValueError):
-    """A mesh that does not fit the devices or the model."""
 
 
 def make_rules(overrides: Optional[Mapping[str, object]] = None, base=DEFAULT_RULES) -> Tuple[Tuple[str, object], ...]:
@@ -142,11 +139,20 @@ def batch_sharding(mesh: Mesh, rules=DEFAULT_RULES, axes: Sequence[Optional[str]
     return NamedSharding(mesh, logical_to_spec(tuple(axes), shape, mesh, rules, "batch"))
 
 
+def mesh_axes_of(logical: str, rules=DEFAULT_RULES) -> Tuple[str, ...]:
+    """The mesh axes that the logical axis `logical` is split over under `rules` (() when replicated)."""
+    target = dict(rules).get(logical)
+    return () if target is None else ((target,) if isinstance(target, str) else tuple(target))
+
+
+def batch_shards(mesh, rules=DEFAULT_RULES) -> int:
+    """How many ways the batch is split on `mesh` (a Mesh or {axis: size}): the product of its batch axes."""
+    return math.prod(_axis_sizes(mesh).get(a, 1) for a in mesh_axes_of("batch", rules))
+
+
 def check_batch_size(batch_size: int, mesh: Mesh, rules=DEFAULT_RULES, what: str = "batch") -> None:
     """MeshError unless `batch_size` splits evenly over the mesh axes the batch is sharded on."""
-    target = dict(rules).get("batch")
-    axes = () if target is None else ((target,) if isinstance(target, str) else tuple(target))
-    size = math.prod(_axis_sizes(mesh).get(a, 1) for a in axes)
+    axes, size = mesh_axes_of("batch", rules), batch_shards(mesh, rules)
     if batch_size % size:
         raise MeshError(f"{what}: batch size {batch_size} is not a multiple of {'×'.join(axes)} = {size} devices "
                         f"(each device must get the same number of rows)")
@@ -154,7 +160,7 @@ def check_batch_size(batch_size: int, mesh: Mesh, rules=DEFAULT_RULES, what: str
 
 def param_shardings(config: LlamaConfig, mesh: Mesh, rules=DEFAULT_RULES) -> dict:
     """NamedSharding for every parameter of `config`'s model on `mesh`."""
-    from llama_jax.model import logical_axes, param_shapes
+    from llama_jax.model.transformer import logical_axes, param_shapes
 
     shapes, axes = param_shapes(config), logical_axes(config)
 
@@ -168,7 +174,7 @@ def param_shardings(config: LlamaConfig, mesh: Mesh, rules=DEFAULT_RULES) -> dic
 def param_specs(config: LlamaConfig, mesh, rules=DEFAULT_RULES) -> dict:
     """PartitionSpec of every parameter; `mesh` may be a Mesh or just {axis: size} (to plan for a pod slice
     from a laptop). Raises MeshError naming the parameter, dimension and axis when a mesh cannot split it."""
-    from llama_jax.model import logical_axes, param_shapes
+    from llama_jax.model.transformer import logical_axes, param_shapes
 
     def one(path, shape_struct, spec):
         name = "/".join(str(getattr(k, "key", k)) for k in path)
@@ -180,7 +186,7 @@ def param_specs(config: LlamaConfig, mesh, rules=DEFAULT_RULES) -> dict:
 def param_bytes_per_device(config: LlamaConfig, mesh, rules=DEFAULT_RULES, dtype=None) -> int:
     """Bytes of parameters each device holds on `mesh` (a Mesh or {axis: size}), in `dtype` (default
     config.param_dtype): each leaf's bytes divided by the product of the mesh axes that split it."""
-    from llama_jax.model import param_shapes
+    from llama_jax.model.transformer import param_shapes
 
     sizes = _axis_sizes(mesh)
     itemsize = jnp.dtype(dtype or config.param_dtype).itemsize
@@ -214,7 +220,7 @@ def use_mesh(mesh: Mesh, rules=DEFAULT_RULES):
 
 def init_sharded_params(config: LlamaConfig, mesh: Mesh, rng: jax.Array, rules=DEFAULT_RULES) -> dict:
     """Random parameters created directly in their shardings: no host ever holds the whole model."""
-    from llama_jax.model import Llama
+    from llama_jax.model.transformer import Llama
 
     shardings = param_shardings(config, mesh, rules)
 

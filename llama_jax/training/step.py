@@ -33,8 +33,8 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from llama_jax.config import LlamaConfig
-from llama_jax.model import Llama
-from llama_jax.sharding import (DEFAULT_RULES, batch_sharding, check_batch_size, param_shardings, replicated,
+from llama_jax.model.transformer import Llama
+from llama_jax.parallel.sharding import (DEFAULT_RULES, batch_sharding, check_batch_size, param_shardings, replicated,
                                 use_mesh)
 
 Batch = Mapping[str, jax.Array]
@@ -130,7 +130,7 @@ def state_shardings(config: LlamaConfig, optimizer, mesh: Mesh, rules=DEFAULT_RU
                     params_shardings=None, frozen_shardings=None) -> TrainState:
     """TrainState of NamedShardings. By default the trained tree is the whole model (`param_shardings`);
     pass `params_shapes`/`params_shardings` (and `frozen_shardings`) for another trained tree (LoRA)."""
-    from llama_jax.model import param_shapes
+    from llama_jax.model.transformer import param_shapes
 
     if params_shardings is None:
         params_shapes, params_shardings = param_shapes(config), param_shardings(config, mesh, rules)

@@ -22,16 +22,13 @@ from typing import Dict, Optional, Sequence, Tuple
 import numpy as np
 
 from llama_jax.config import ConfigError, LlamaConfig
-from llama_jax.model import PARAM_LAYOUT
+from llama_jax.model.transformer import PARAM_LAYOUT
+from llama_jax.errors import CheckpointError  # noqa: F401 (also re-exported)
 
 METADATA_FILE = "llama_jax.json"
 PARAMS_DIR = "params"
 FORMAT = "llama_jax.params"
 FORMAT_VERSION = 1
-
-
-class CheckpointError(ValueError):
-    """A llama_jax checkpoint that is missing, of another layout, or damaged."""
 
 
 # ---------------------------------------------------------------------------------------------- metadata
@@ -150,7 +147,7 @@ def leaf_spec(params_dir: str, name: str) -> dict:
 
 
 def _check_tree(params_dir: str, config: LlamaConfig) -> None:
-    from llama_jax.sources import leaves
+    from llama_jax.io.sources import leaves
 
     stored = {tuple(k["key"] for k in v["key_metadata"])
               for v in _orbax_tree_metadata(params_dir).get("tree_metadata", {}).values()}
@@ -168,8 +165,8 @@ def restore_params(directory: str, dtype: Optional[str] = None, shardings=None) 
     import jax
     import orbax.checkpoint as ocp
 
-    from llama_jax.model import param_shapes
-    from llama_jax.sources import dtype_of
+    from llama_jax.model.transformer import param_shapes
+    from llama_jax.io.sources import dtype_of
 
     meta, config = read_metadata(directory)
     dtype = dtype or meta.get("dtype") or config.param_dtype

@@ -17,9 +17,10 @@ from typing import Callable, List, Optional, Tuple
 
 import numpy as np
 
-from llama_jax import checkpoint, sources
+from llama_jax.io import checkpoint
+from llama_jax.io import sources
 from llama_jax.config import LlamaConfig
-from llama_jax.sharding import DEFAULT_RULES
+from llama_jax.parallel.sharding import DEFAULT_RULES
 
 LoadFn = Callable[..., Tuple[LlamaConfig, dict]]
 
@@ -63,7 +64,7 @@ def load(path, dtype=None, mesh=None, rules=DEFAULT_RULES) -> Tuple[LlamaConfig,
 def _load_checkpoint(path: str, dtype: Optional[str], mesh, rules):
     shardings = None
     if mesh is not None:
-        from llama_jax.sharding import param_shardings
+        from llama_jax.parallel.sharding import param_shardings
 
         _, config = checkpoint.read_metadata(path)
         shardings = param_shardings(config, mesh, rules)
@@ -84,7 +85,7 @@ def _load_source(path: str, dtype: Optional[str], mesh, rules):
         for leaf in plan:
             flat[leaf.path] = jax.device_put(sources.read_block(source, leaf, (), np_dtype), device)
     else:
-        from llama_jax.sharding import param_shardings
+        from llama_jax.parallel.sharding import param_shardings
 
         shardings = param_shardings(config, mesh, rules)
         for leaf in plan:

@@ -13,10 +13,7 @@ import importlib.util
 import os
 import typing
 from typing import Any, Dict, List, Sequence, Tuple
-
-
-class RunConfigError(ValueError):
-    """A recipe file or a key=value override that does not describe a run."""
+from llama_jax.errors import RunConfigError  # noqa: F401 (also re-exported)
 
 
 @dataclasses.dataclass
@@ -77,7 +74,7 @@ class RunConfig:
     log_every: int = 1
     eval_every: int = 50          # 0 disables periodic evaluation
     eval_batches: int = 4
-    peak_flops: float = 0.0       # per device, for MFU; 0: look the device kind up in llama_jax.flops
+    peak_flops: float = 0.0       # per device, for MFU; 0: look the device kind up in llama_jax.model.flops
     sample_tokens: int = 48       # length of the sample printed at the end (0: none)
     sample_prompt: str = "The"
     model: ModelSection = dataclasses.field(default_factory=ModelSection)

@@ -3,7 +3,7 @@
 `python train.py` with no data path trains on the docstrings of Python's standard library (modules, classes
 and functions, read with `ast` from the `.py` files in a fixed order, so the corpus is the same on every run
 of one Python version). A SentencePiece tokenizer is trained on that text, then the text is tokenized into
-the token files of `llama_jax.data`. Everything is cached under one directory keyed by the Python version
+the token files of `llama_jax.training.data`. Everything is cached under one directory keyed by the Python version
 and the vocabulary size; a second run finds it and starts training at once.
 """
 
@@ -84,10 +84,10 @@ def ensure_default_corpus(vocab_size: int, cache_dir: str | None = None, verbose
     """Build (once) the built-in corpus, its tokenizer and its token files; returns the token directory.
 
     The directory holds `tokenizer.model`, `meta.json`, `train.bin`/`val.bin` and their document indexes
-    (see `llama_jax.data`). A finished build is marked by `meta.json`, written last, so an interrupted build
+    (see `llama_jax.training.data`). A finished build is marked by `meta.json`, written last, so an interrupted build
     is redone rather than half-used.
     """
-    from llama_jax import data
+    from llama_jax.training import data
 
     out = os.path.join(cache_dir or default_cache_dir(), f"vocab{vocab_size}")
     if os.path.isfile(os.path.join(out, "meta.json")):

@@ -15,16 +15,13 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import ml_dtypes
 import numpy as np
+from llama_jax.errors import SafetensorsError  # noqa: F401 (also re-exported)
 
 DTYPES = {"F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
           "BF16": np.dtype(ml_dtypes.bfloat16), "I64": np.dtype(np.int64), "I32": np.dtype(np.int32),
           "I16": np.dtype(np.int16), "I8": np.dtype(np.int8), "U8": np.dtype(np.uint8), "BOOL": np.dtype(bool)}
 _DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 _MAX_HEADER = 100 * 1024 * 1024
-
-
-class SafetensorsError(ValueError):
-    """A safetensors file that is truncated, malformed or does not hold what it should."""
 
 
 class SafetensorsFile:

@@ -19,6 +19,7 @@ import json
 import os
 import re
 from typing import Dict, List, Optional, Sequence, Tuple, Union
+from llama_jax.errors import TokenizerError  # noqa: F401 (also re-exported)
 
 # Meta's Llama 3 pre-tokenizer split pattern.
 LLAMA3_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
@@ -37,10 +38,6 @@ def llama3_special_tokens() -> List[str]:
 
 Message = Dict[str, str]
 Piece = Union[str, int]  # chat prompts are built as text pieces and control-token ids
-
-
-class TokenizerError(ValueError):
-    """A tokenizer file that is missing, unreadable or does not fit the model."""
 
 
 class Tokenizer:

@@ -4,7 +4,7 @@ With the `libtpu` wheel installed, `jax.experimental.topologies` describes a TPU
 chips) on a CPU host, and a function jitted with shardings over a Mesh of those devices compiles with the real
 TPU compiler. Nothing is allocated: every input is a `jax.ShapeDtypeStruct` carrying its sharding. From the
 compiled program we read the per-chip memory (`memory_analysis`), XLA's FLOP count (`cost_analysis`) and the
-collectives (`llama_jax.hlo`).
+collectives (`llama_jax.aot.hlo`).
 
     python train.py --config configs/llama3.1-8b.py --aot v5p:2x4x4      # the real train step
     python sample.py --checkpoint-config llama3.1-8b --aot v5e:2x4       # prefill + one decode step
@@ -33,23 +33,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from llama_jax import hlo
+from llama_jax.aot import hlo
 from llama_jax.config import LlamaConfig
+from llama_jax.errors import AotError, DoesNotFit  # noqa: F401 (also re-exported)
 
 GIB = 1024 ** 3
-
-
-class AotError(ValueError):
-    """A topology, mesh or recipe that cannot be compiled; the message lists the valid choices."""
-
-
-class DoesNotFit(RuntimeError):
-    """The TPU compiler itself refused the program: its buffers exceed the chip's HBM. `inputs` holds the
-    per-device bytes of the named inputs, the message XLA's numbers."""
-
-    def __init__(self, name: str, inputs: Dict[str, int], message: str):
-        super().__init__(message)
-        self.name, self.inputs = name, inputs
 
 
 @dataclasses.dataclass(frozen=True)
@@ -132,7 +120,7 @@ def _divisors(n: int) -> List[int]:
 def topology_mesh(topology: Topology, data: int = 1, fsdp: int = -1, tensor: int = 1):
     """A (data, fsdp, tensor) Mesh over the slice's devices, laid out on the physical torus (tensor
     innermost); one size may be -1. A mesh that does not cover the slice exactly is an AotError."""
-    from llama_jax.sharding import MESH_AXES
+    from llama_jax.parallel.sharding import MESH_AXES
 
     n = len(topology.devices)
     sizes = [data, fsdp, tensor]
@@ -223,7 +211,7 @@ def compile_and_analyze(name: str, fn, args: Sequence, inputs: Dict[str, int], m
 def hardware_flops_per_token(config: LlamaConfig, seq_len: int, train: bool = True) -> float:
     """FLOPs XLA actually executes per token: matmuls (6N train / 2N forward), attention over all seq_len keys
     (the causal mask is applied to a full QK^T), and the forward of the blocks again under full remat."""
-    from llama_jax.flops import matmul_params
+    from llama_jax.model.flops import matmul_params
 
     head = config.hidden_size * config.vocab_size
     layer_params = matmul_params(config) - head
@@ -248,8 +236,8 @@ def weight_gathers_over_tensor(colls: Sequence[hlo.Collective], config: LlamaCon
     """All-gathers over a mesh-axis set that includes `tensor` whose result is a whole weight matrix along its
     tensor-split dimension (one layer's slice, possibly still split over fsdp): what tensor parallelism must
     never do. Returns [(parameter path, collective)]."""
-    from llama_jax.model import logical_axes, param_shapes
-    from llama_jax.sharding import DEFAULT_RULES
+    from llama_jax.model.transformer import logical_axes, param_shapes
+    from llama_jax.parallel.sharding import DEFAULT_RULES
 
     if mesh_shape.get("tensor", 1) == 1:
         return []
@@ -309,7 +297,7 @@ class TrainReport:
 
 
 def _abstract_batch(batch_size: int, seq_len: int, sharding) -> dict:
-    """The trainer's batch (llama_jax.data rows): inputs, targets, segment_ids, positions, loss_mask."""
+    """The trainer's batch (llama_jax.training.data rows): inputs, targets, segment_ids, positions, loss_mask."""
     ints = {k: jax.ShapeDtypeStruct((batch_size, seq_len), jnp.int32, sharding=sharding)
             for k in ("inputs", "targets", "segment_ids", "positions")}
     return dict(ints, loss_mask=jax.ShapeDtypeStruct((batch_size, seq_len), jnp.float32, sharding=sharding))
@@ -319,10 +307,10 @@ def compile_train(run_config, topology: str, recipe: str = "") -> TrainReport:
     """Compile the train step of `run_config` (a RunConfig) for the TPU slice `topology`: the same optimizer,
     shardings, remat, scan, gradient accumulation, LoRA and donation as `trainer.train`, built by the same
     functions, on abstract inputs."""
-    from llama_jax import flops as flops_lib
-    from llama_jax import train_step as ts
-    from llama_jax import trainer
-    from llama_jax.sharding import DEFAULT_RULES, MeshError, batch_sharding
+    from llama_jax.model import flops as flops_lib
+    from llama_jax.training import step as ts
+    from llama_jax.training import loop as trainer
+    from llama_jax.parallel.sharding import DEFAULT_RULES, MeshError, batch_sharding
 
     cfg = run_config
     topo = get_topology(topology)
@@ -343,7 +331,7 @@ def compile_train(run_config, topology: str, recipe: str = "") -> TrainReport:
     sh = model.state_shardings
     frozen = None
     if model.lora:
-        from llama_jax.model import param_shapes
+        from llama_jax.model.transformer import param_shapes
         frozen = abstract(param_shapes(config), sh.frozen)
     state = ts.TrainState(step=jax.ShapeDtypeStruct((), jnp.int32, sharding=sh.step),
                           params=abstract(model.shapes, sh.params),
@@ -457,12 +445,12 @@ class SampleReport:
 
 def compile_sample(name: str, topology: str, *, batch: int = 1, context: int = 8192, prompt: int = 0,
                    int8: bool = False, tensor: int = -1) -> SampleReport:
-    """Compile the sampler's two model calls (llama_jax.sampling._generate): the prefill of a `prompt`-token
+    """Compile the sampler's two model calls (llama_jax.sampling.sampler._generate): the prefill of a `prompt`-token
     batch into an empty `context`-slot KV cache, and one decode step, with bf16 (or int8) weights split over
     a (1, 1, tensor) mesh, the cache split over batch and KV heads, and the cache donated."""
-    from llama_jax import quantize
-    from llama_jax.model import CACHE_AXES, Llama, init_cache, param_shapes
-    from llama_jax.sharding import MeshError, logical_to_spec, param_shardings, use_mesh
+    from llama_jax.model import quantize
+    from llama_jax.model.transformer import CACHE_AXES, Llama, init_cache, param_shapes
+    from llama_jax.parallel.sharding import MeshError, logical_to_spec, param_shardings, use_mesh
     from jax.sharding import NamedSharding
 
     topo = get_topology(topology)
@@ -594,11 +582,11 @@ def main(argv=None) -> int:
     s.add_argument("--batch", type=int, default=1)
     s.add_argument("--context", type=int, default=8192, help="KV cache length (prompt + new tokens)")
     s.add_argument("--prompt", type=int, default=0, help="prefill length (default: context / 4)")
-    s.add_argument("--int8", action="store_true", help="int8 weights (llama_jax.quantize)")
+    s.add_argument("--int8", action="store_true", help="int8 weights (llama_jax.model.quantize)")
     s.add_argument("--tensor", type=int, default=-1, help="tensor-parallel size (default: all devices)")
     args = parser.parse_args(argv)
     if args.what == "train":
-        from llama_jax import run_config
+        from llama_jax.training import run_config
         try:
             cfg = run_config.build(args.config, args.overrides)
         except run_config.RunConfigError as e:

@@ -20,7 +20,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
 
-from llama_jax.sharding import DEFAULT_RULES, batch_sharding
+from llama_jax.parallel.sharding import DEFAULT_RULES, batch_sharding
 
 # Environment variables that mean "this is one host of a TPU pod slice": jax.distributed finds the
 # coordinator and this host's id from the TPU metadata on its own.

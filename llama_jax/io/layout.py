@@ -15,10 +15,7 @@ from typing import Iterator, Optional, Tuple
 import numpy as np
 
 from llama_jax.config import LlamaConfig
-
-
-class LayoutError(ValueError):
-    """A tensor whose name or shape does not fit the model's config."""
+from llama_jax.errors import LayoutError  # noqa: F401 (also re-exported)
 
 
 @dataclasses.dataclass(frozen=True)

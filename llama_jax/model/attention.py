@@ -12,8 +12,8 @@ import jax
 import jax.numpy as jnp
 
 from llama_jax.config import LlamaConfig
-from llama_jax.layers import dense, dtype_of, kernel_init, param_with_axes
-from llama_jax.rope import apply_rotary
+from llama_jax.model.layers import dense, dtype_of, kernel_init, param_with_axes
+from llama_jax.model.rope import apply_rotary
 
 KVCache = dict  # {"k": [B, K, H, S], "v": [B, K, S, H]} for one layer; stacked [L, ...] in the model.
 # Each in the layout its attention product reads as it lies (q k: [H, S] keys; p v: [S, H] values), so a decode

@@ -20,20 +20,17 @@ from typing import Any, Optional
 import jax
 import jax.numpy as jnp
 
-from llama_jax import data as data_lib
-from llama_jax import distributed
-from llama_jax import flops as flops_lib
-from llama_jax import lora as lora_lib
-from llama_jax import train_step as ts
+from llama_jax.training import data as data_lib
+from llama_jax.parallel import distributed
+from llama_jax.model import flops as flops_lib
+from llama_jax.training import lora as lora_lib
+from llama_jax.training import step as ts
 from llama_jax.config import LlamaConfig
-from llama_jax.metrics import MetricsLogger
-from llama_jax.run_checkpoint import RunCheckpointer, abstract_like
-from llama_jax.run_config import RunConfig
-from llama_jax.sharding import MeshError, make_mesh, param_shardings
-
-
-class TrainError(RuntimeError):
-    """A run that cannot start or continue; the message says why and what to change."""
+from llama_jax.training.metrics import MetricsLogger
+from llama_jax.training.checkpoints import RunCheckpointer, abstract_like
+from llama_jax.training.run_config import RunConfig
+from llama_jax.parallel.sharding import MeshError, make_mesh, param_shardings
+from llama_jax.errors import TrainError  # noqa: F401 (also re-exported)
 
 
 @dataclasses.dataclass
@@ -59,7 +56,7 @@ def model_config(cfg: RunConfig) -> LlamaConfig:
 
 def resolve(cfg: RunConfig, log=print) -> Setup:
     """Data, model and mesh of the run, checked against each other (nothing is compiled here)."""
-    from llama_jax import corpus
+    from llama_jax.training import corpus
 
     if cfg.init_from:
         model = _init_config(cfg.init_from).replace(dtype=cfg.model.dtype, param_dtype=cfg.model.param_dtype,
@@ -106,7 +103,8 @@ def resolve(cfg: RunConfig, log=print) -> Setup:
 
 def _init_config(path: str) -> LlamaConfig:
     """The model config of an init_from checkpoint, read from its metadata (no weights are loaded)."""
-    from llama_jax import checkpoint, sources
+    from llama_jax.io import checkpoint
+    from llama_jax.io import sources
 
     if not os.path.isdir(path):
         raise TrainError(f"init_from={path!r}: not found (expected a llama_jax checkpoint, a training workdir, or "
@@ -134,7 +132,7 @@ class Model:
             self.combine = lora_lib.make_combine(cfg.lora.alpha)
             frozen = self.base_shardings
         else:
-            from llama_jax.model import param_shapes
+            from llama_jax.model.transformer import param_shapes
             self.shapes, self.shardings, self.combine, frozen = param_shapes(config), self.base_shardings, \
                 ts.identity_combine, None
         self.state_shardings = ts.state_shardings(config, optimizer, mesh, params_shapes=self.shapes,
@@ -146,7 +144,7 @@ class Model:
             import llama_jax
             _, params = llama_jax.load(setup.cfg.init_from, dtype=setup.model.param_dtype, mesh=setup.mesh)
             return params
-        from llama_jax.sharding import init_sharded_params
+        from llama_jax.parallel.sharding import init_sharded_params
         return init_sharded_params(setup.model, setup.mesh, jax.random.PRNGKey(setup.cfg.seed))
 
 
@@ -310,7 +308,7 @@ def export_params(workdir: str, config: LlamaConfig, params, tokenizer_dir: Opti
     process calls it."""
     import orbax.checkpoint as ocp
 
-    from llama_jax import checkpoint
+    from llama_jax.io import checkpoint
 
     workdir = os.path.abspath(workdir)
     out = os.path.join(workdir, "export")
@@ -327,8 +325,8 @@ def export_params(workdir: str, config: LlamaConfig, params, tokenizer_dir: Opti
 
 
 def greedy_sample(config: LlamaConfig, params, tokenizer_path: str, prompt: str, n: int, mesh=None) -> str:
-    """A short greedy continuation of `prompt` with the compiled sampler (llama_jax.sampling)."""
-    from llama_jax.sampling import generate_ids
+    """A short greedy continuation of `prompt` with the compiled sampler (llama_jax.sampling.sampler)."""
+    from llama_jax.sampling.sampler import generate_ids
 
     tok = data_lib.load_text_tokenizer(tokenizer_path)
     ids = tok.encode(prompt, bos=True)

@@ -15,12 +15,9 @@ import os
 from typing import Any, Optional, Tuple
 
 import jax
+from llama_jax.errors import CheckpointError  # noqa: F401 (also re-exported)
 
 _ITEMS = ("state", "data", "config")
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint directory that cannot be resumed from."""
 
 
 class RunCheckpointer:

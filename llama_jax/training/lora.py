@@ -40,7 +40,7 @@ def _split(shape, n_in):
 
 def lora_shapes(config: LlamaConfig, rank: int, targets: Sequence[str], dtype=jnp.float32) -> dict:
     """{"layers": {module: {kernel: {"a": [L, I..., r], "b": [L, r, O...]}}}} as ShapeDtypeStructs."""
-    from llama_jax.model import param_shapes
+    from llama_jax.model.transformer import param_shapes
 
     _check(targets, rank)
     base = param_shapes(config)["layers"]
@@ -56,8 +56,8 @@ def lora_shapes(config: LlamaConfig, rank: int, targets: Sequence[str], dtype=jn
 
 def lora_shardings(config: LlamaConfig, rank: int, targets: Sequence[str], mesh: Mesh, rules=None) -> dict:
     """NamedShardings of the adapters: A's input dims and B's output dims split like the kernel's."""
-    from llama_jax.model import logical_axes
-    from llama_jax.sharding import DEFAULT_RULES, logical_to_spec
+    from llama_jax.model.transformer import logical_axes
+    from llama_jax.parallel.sharding import DEFAULT_RULES, logical_to_spec
 
     rules = rules or DEFAULT_RULES
     axes = logical_axes(config)["layers"]

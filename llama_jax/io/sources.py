@@ -17,18 +17,15 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from llama_jax import layout
+from llama_jax.io import layout
 from llama_jax.config import ConfigError, LlamaConfig
-from llama_jax.safetensors_io import SafetensorsError, SafetensorsFile
+from llama_jax.io.safetensors_io import SafetensorsError, SafetensorsFile
+from llama_jax.errors import ConversionError  # noqa: F401 (also re-exported)
 
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "added_tokens.json", "chat_template.jinja", "chat_template.json", "generation_config.json")
 _HF_IGNORED = re.compile(r"^model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq$")  # old HF buffers
 _BLOCK_BYTES = 64 << 20  # embedding / output rows are converted in blocks of about this size
-
-
-class ConversionError(ValueError):
-    """A source or destination that cannot be converted; the message names the file, key and values."""
 
 
 # ---------------------------------------------------------------------------------------------- sources
@@ -318,7 +315,7 @@ class Leaf:
 
 def leaves(config: LlamaConfig, itemsize: int = 4) -> List[Leaf]:
     """Our parameter leaves in HF file order, with their shapes (see the layout in model.py)."""
-    from llama_jax.model import param_shapes
+    from llama_jax.model.transformer import param_shapes
 
     shapes = {tuple(str(getattr(k, "key", k)) for k in path): tuple(s.shape)
               for path, s in _flatten(param_shapes(config))}

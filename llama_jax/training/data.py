@@ -1,0 +1,328 @@
+"""Token files and the grain pipeline that packs them into training batches.
+
+Token directory layout (written by `python -m llama_jax.data prepare` or `corpus.ensure_default_corpus`):
+    meta.json            {"format", "dtype", "vocab_size", "bos_id", "eos_id", "splits": {name: {...}}}
+    tokenizer.*          the tokenizer files the tokens came from (copied, so the directory is self-contained)
+    {split}.bin          every document's tokens, flat: BOS doc EOS BOS doc EOS ... (uint16 or uint32)
+    {split}.docs.npy     int64 [num_docs] the offset where each document starts in {split}.bin
+    {split}.mask.bin     uint8, only for chat data: 1 where a token is a target the loss trains on
+
+Packing: the flat stream is cut into rows of T+1 tokens that overlap by one (row i = tokens[iT : iT+T+1]);
+inputs are the first T, targets the last T. Each row carries segment ids (1, 2, ... per document piece)
+and positions that restart at 0 in every document piece, so attention never crosses documents. A target
+in another document than its input (EOS -> next BOS) and, for chat data, a prompt token, gets loss_mask 0.
+
+Order: a grain MapDataset of sequences, shuffled by the seed (a new order every epoch); global batch s is
+sequences s*B .. s*B+B-1 of that order, and each process reads only its own rows of it (the rows its
+devices hold), so one process of 8 devices sees the same global batches as two of 4. The iterator's state
+(grain `get_state`: the next step) is saved with each checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+from typing import Any, Dict, Iterable, Iterator, Mapping, Optional
+
+import numpy as np
+from llama_jax.errors import DataError  # noqa: F401 (also re-exported)
+
+FORMAT = "llama_jax-tokens-v1"
+
+
+# ---------------------------------------------------------------------------------------------- tokenizer
+def load_text_tokenizer(path: str):
+    """A tokenizer from a `tokenizer.model` file or a checkpoint directory (via `llama_jax.load_tokenizer`
+    when the package has it; a plain SentencePiece file otherwise)."""
+    if not os.path.exists(path):
+        raise DataError(f"{path}: tokenizer not found (expected a tokenizer.model file or a checkpoint directory)")
+    from llama_jax.text.tokenizer import TokenizerError, load_tokenizer
+    try:
+        return load_tokenizer(path)
+    except TokenizerError as e:
+        raise DataError(str(e)) from None
+
+
+def _bos(tok) -> Optional[int]:
+    return getattr(tok, "bos_id", None)
+
+
+def _eos(tok) -> int:
+    eos = getattr(tok, "eos_id", None)
+    return eos if eos is not None else list(getattr(tok, "stop_ids"))[0]
+
+
+def encode_record(record: Mapping[str, Any], tokenizer, where: str = "record"):
+    """One input record -> (tokens, loss mask) as int lists.
+
+    {"text": ...} -> BOS text EOS, every token trained. Chat records train only on the assistant's replies:
+    {"prompt", "completion"} (one user turn and its answer) or {"messages": [{"role", "content"}, ...]}.
+    They are rendered with the tokenizer's own chat format (`encode_chat`: Llama 2 [INST], Llama 3 headers
+    or the checkpoint's template); a reply's tokens are those between the prompt that asks for it and the
+    conversation that includes it, end-of-turn token included. Tokenizers without `encode_chat` fall back
+    to plain "role: content" turns.
+    """
+    if "text" in record:
+        toks = tokenizer.encode(str(record["text"]), bos=True, eos=True)
+        return toks, [0] + [1] * (len(toks) - 1)
+    if "prompt" in record and "completion" in record:
+        messages = [{"role": "user", "content": str(record["prompt"])},
+                    {"role": "assistant", "content": str(record["completion"])}]
+    elif "messages" in record:
+        messages = record["messages"]
+        for i, m in enumerate(messages):
+            if not isinstance(m, Mapping) or "role" not in m or "content" not in m:
+                raise DataError(f"{where}: messages[{i}] must be an object with 'role' and 'content'")
+    else:
+        raise DataError(f"{where}: expected a 'text', 'prompt'+'completion' or 'messages' field, found "
+                        f"{sorted(record)}")
+    if not any(m["role"] == "assistant" for m in messages):
+        raise DataError(f"{where}: a chat record needs at least one assistant message to train on")
+    if hasattr(tokenizer, "encode_chat"):
+        return _encode_chat(messages, tokenizer, where)
+    return _encode_plain_chat(messages, tokenizer)
+
+
+def _encode_chat(messages, tokenizer, where):
+    try:
+        full = tokenizer.encode_chat(messages, add_generation_prompt=False)
+        mask = [0] * len(full)
+        for i, m in enumerate(messages):
+            if m["role"] != "assistant":
+                continue
+            prompt = tokenizer.encode_chat(messages[:i], add_generation_prompt=True)
+            upto = tokenizer.encode_chat(messages[:i + 1], add_generation_prompt=False)
+            if full[:len(upto)] != upto or upto[:len(prompt)] != prompt:
+                raise DataError(f"{where}: the chat format does not render turn by turn (a prefix of the "
+                                "conversation renders differently), so prompt tokens cannot be masked")
+            mask[len(prompt):len(upto)] = [1] * (len(upto) - len(prompt))
+    except DataError:
+        raise
+    except ValueError as e:
+        raise DataError(f"{where}: {e}") from None
+    return full, mask
+
+
+def _encode_plain_chat(messages, tokenizer):
+    bos, eos = _bos(tokenizer), _eos(tokenizer)
+    toks, mask = ([bos], [0]) if bos is not None else ([], [])
+
+    def add(text, train, end=False):
+        ids = tokenizer.encode(text, bos=False, eos=False) + ([eos] if end else [])
+        toks.extend(ids)
+        mask.extend([int(train)] * len(ids))
+
+    for m in messages:
+        if m["role"] == "assistant":
+            add("assistant: ", False)
+            add(str(m["content"]), True, end=True)
+        else:
+            add(f"{m['role']}: {m['content']}\n", False)
+    return toks, mask
+
+
+# ---------------------------------------------------------------------------------------------- writing
+def write_token_files(out_dir: str, records: Iterable[Mapping[str, Any]], tokenizer, val_every: int = 100,
+                      source: str = "", total: Optional[int] = None, progress: bool = True) -> dict:
+    """Tokenize `records` into `out_dir` (every `val_every`-th document goes to the "val" split).
+
+    Streams to disk, so memory does not grow with the data. Returns the meta dict it wrote last.
+    """
+    from tqdm import tqdm
+
+    os.makedirs(out_dir, exist_ok=True)
+    vocab = int(tokenizer.vocab_size)
+    dtype = np.uint16 if vocab <= 65536 else np.uint32
+    files = {s: open(os.path.join(out_dir, f"{s}.bin"), "wb") for s in ("train", "val")}
+    masks = {s: open(os.path.join(out_dir, f"{s}.mask.bin"), "wb") for s in ("train", "val")}
+    starts = {"train": [], "val": []}
+    count = {"train": 0, "val": 0}
+    any_masked = False
+    try:
+        for i, rec in enumerate(tqdm(records, total=total, desc="tokenizing", unit="doc", disable=not progress)):
+            toks, mask = encode_record(rec, tokenizer, where=f"document {i}")
+            split = "val" if val_every and i % val_every == val_every - 1 else "train"
+            starts[split].append(count[split])
+            count[split] += len(toks)
+            files[split].write(np.asarray(toks, dtype).tobytes())
+            masks[split].write(np.asarray(mask, np.uint8).tobytes())
+            any_masked |= not all(mask[1:])
+    finally:
+        for f in list(files.values()) + list(masks.values()):
+            f.close()
+    splits = {}
+    for s in ("train", "val"):
+        np.save(os.path.join(out_dir, f"{s}.docs.npy"), np.asarray(starts[s], np.int64))
+        if not any_masked:
+            os.remove(os.path.join(out_dir, f"{s}.mask.bin"))
+        splits[s] = {"tokens": count[s], "docs": len(starts[s])}
+    tok_path = getattr(tokenizer, "path", None)
+    if tok_path and os.path.isfile(tok_path):
+        copy_tokenizer_files(os.path.dirname(os.path.abspath(tok_path)), out_dir, os.path.basename(tok_path))
+    meta = {"format": FORMAT, "dtype": np.dtype(dtype).name, "vocab_size": vocab, "bos_id": _bos(tokenizer),
+            "eos_id": _eos(tokenizer), "masked": any_masked, "source": source, "splits": splits}
+    with open(os.path.join(out_dir, "meta.json"), "w") as f:  # last: marks a complete directory
+        json.dump(meta, f, indent=1)
+    return meta
+
+
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "chat_template.jinja", "chat_template.json")
+
+
+def copy_tokenizer_files(src_dir: str, dst_dir: str, main_file: Optional[str] = None) -> None:
+    """Copy the tokenizer files of `src_dir` (the model file, and the configs that carry special tokens and
+    chat templates) into `dst_dir`; with `main_file`, only that one of tokenizer.model / tokenizer.json."""
+    for name in TOKENIZER_FILES:
+        if main_file and name in ("tokenizer.model", "tokenizer.json") and name != main_file:
+            continue
+        src, dst = os.path.join(src_dir, name), os.path.join(dst_dir, name)
+        if os.path.isfile(src) and os.path.abspath(src) != os.path.abspath(dst):
+            shutil.copy(src, dst)
+
+
+def has_tokenizer(path: str) -> bool:
+    return any(os.path.isfile(os.path.join(path, n)) for n in ("tokenizer.model", "tokenizer.json"))
+
+
+def read_meta(path: str) -> dict:
+    """The meta.json of a token directory, with a clear error when it is missing or of another format."""
+    meta_path = os.path.join(path, "meta.json")
+    if not os.path.isfile(meta_path):
+        raise DataError(f"{path}: not a token directory (no meta.json); make one with "
+                        "`python -m llama_jax.data prepare --tokenizer TOK --out DIR FILES...`")
+    with open(meta_path) as f:
+        meta = json.load(f)
+    if meta.get("format") != FORMAT:
+        raise DataError(f"{meta_path}: format {meta.get('format')!r}, expected {FORMAT!r}")
+    return meta
+
+
+# ---------------------------------------------------------------------------------------------- reading
+class PackedSequences:
+    """Random-access grain source: row i of a split -> dict of [T] arrays (inputs, targets, segment_ids,
+    positions int32; loss_mask float32). Reads only the T+1 tokens of the row (memory-mapped)."""
+
+    def __init__(self, path: str, split: str, seq_len: int):
+        meta = read_meta(path)
+        if split not in meta["splits"]:
+            raise DataError(f"{path}: no split {split!r}; splits are {sorted(meta['splits'])}")
+        bin_path = os.path.join(path, f"{split}.bin")
+        for p in (bin_path, os.path.join(path, f"{split}.docs.npy")):
+            if not os.path.isfile(p):
+                raise DataError(f"{p}: missing data file (listed in {path}/meta.json)")
+        self.path, self.split, self.seq_len, self.meta = path, split, int(seq_len), meta
+        self.tokens = np.memmap(bin_path, dtype=meta["dtype"], mode="r")
+        self.starts = np.load(os.path.join(path, f"{split}.docs.npy"))
+        mask_path = os.path.join(path, f"{split}.mask.bin")
+        self.mask = np.memmap(mask_path, dtype=np.uint8, mode="r") if os.path.isfile(mask_path) else None
+        if len(self) == 0:
+            raise DataError(f"{bin_path}: {len(self.tokens)} tokens is less than one sequence of "
+                            f"seq_len+1={seq_len + 1}")
+
+    def __len__(self) -> int:
+        return max(0, (len(self.tokens) - 1) // self.seq_len)
+
+    def __getitem__(self, i: int) -> Dict[str, np.ndarray]:
+        t = self.seq_len
+        lo = int(i) * t
+        idx = np.arange(lo, lo + t + 1)
+        row = np.asarray(self.tokens[lo:lo + t + 1]).astype(np.int32)
+        doc = np.searchsorted(self.starts, idx, side="right") - 1  # [T+1] document of each token
+        piece_start = np.maximum(self.starts[doc], lo)
+        same_doc = doc[:-1] == doc[1:]
+        loss_mask = same_doc.astype(np.float32)
+        if self.mask is not None:
+            loss_mask *= np.asarray(self.mask[lo + 1:lo + t + 1], np.float32)
+        return {
+            "inputs": row[:-1], "targets": row[1:],
+            "segment_ids": (doc[:-1] - doc[0] + 1).astype(np.int32),
+            "positions": (idx[:-1] - piece_start[:-1]).astype(np.int32),
+            "loss_mask": loss_mask,
+        }
+
+
+def make_dataset(path: str, split: str, seq_len: int, global_batch: int, seed: int, rows=None,
+                 shuffle: bool = True):
+    """grain MapDataset: element s = this process's rows of global batch s, a dict of [len(rows), T] arrays.
+
+    Global batch s is sequences s*B .. s*B+B-1 of the sequence order (shuffled by `seed`, a new order every
+    epoch, endless; or file order, one pass, when not `shuffle`, for evaluation). `rows` are the rows of the
+    global batch this process feeds (`distributed.process_batch_rows`; default all B): a process reads only
+    those sequences, and the global batch is the same whatever the number of processes.
+    """
+    import grain
+
+    src = grain.MapDataset.source(PackedSequences(path, split, seq_len))
+    seqs = src.shuffle(seed=seed).repeat(None) if shuffle else src
+    rows = np.arange(global_batch) if rows is None else np.asarray(rows, np.int64)
+    if len(rows) == 0 or rows.min() < 0 or rows.max() >= global_batch:
+        raise DataError(f"rows {rows.tolist()} are not rows of a batch of {global_batch}")
+    steps = sys.maxsize // global_batch if shuffle else len(src) // global_batch
+
+    def load(step: int) -> Dict[str, np.ndarray]:
+        items = [seqs[step * global_batch + int(r)] for r in rows]
+        return {k: np.stack([it[k] for it in items]) for k in items[0]}
+
+    return grain.MapDataset.range(steps).map(load)
+
+
+def make_iterator(dataset, state: Optional[dict] = None, threads: int = 2, prefetch: int = 4):
+    """A grain iterator (prefetching in threads, order unchanged), positioned at `state` when given."""
+    import grain
+
+    it = iter(dataset.to_iter_dataset(grain.ReadOptions(num_threads=threads, prefetch_buffer_size=prefetch)))
+    if state is not None:
+        it.set_state(state)
+    return it
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+def _read_inputs(paths, text_mode: str) -> Iterator[dict]:
+    for path in paths:
+        if not os.path.isfile(path):
+            raise DataError(f"{path}: input file not found")
+        if path.endswith((".jsonl", ".json")):
+            with open(path, encoding="utf-8") as f:
+                for n, line in enumerate(f, 1):
+                    if line.strip():
+                        try:
+                            yield json.loads(line)
+                        except json.JSONDecodeError as e:
+                            raise DataError(f"{path}:{n}: not valid JSON ({e})") from None
+        else:
+            with open(path, encoding="utf-8") as f:
+                text = f.read()
+            if text_mode == "file":
+                yield {"text": text}
+            else:  # paragraphs separated by blank lines
+                for para in text.split("\n\n"):
+                    if para.strip():
+                        yield {"text": para.strip()}
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m llama_jax.data", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("prepare", help="tokenize .txt / .jsonl files into a token directory")
+    p.add_argument("inputs", nargs="+", help=".txt files (documents = paragraphs or whole files) or .jsonl "
+                   "records with 'text', 'prompt'+'completion' or chat 'messages'")
+    p.add_argument("--tokenizer", required=True, help="a checkpoint directory or a tokenizer.model file")
+    p.add_argument("--out", required=True, help="output token directory")
+    p.add_argument("--val_every", type=int, default=100, help="every N-th document goes to the val split")
+    p.add_argument("--text_docs", choices=("paragraph", "file"), default="paragraph")
+    args = parser.parse_args(argv)
+    try:
+        tok = load_text_tokenizer(args.tokenizer)
+        meta = write_token_files(args.out, _read_inputs(args.inputs, args.text_docs), tok, args.val_every,
+                                 source=" ".join(args.inputs))
+    except DataError as e:
+        sys.exit(f"error: {e}")
+    print(json.dumps(meta["splits"]))
+
+
+if __name__ == "__main__":
+    main()
