@@ -5,6 +5,7 @@ import numpy as np
 
 from llama_jax import LlamaConfig
 from llama_jax.parallel import distributed
+from llama_jax.training import optim
 from llama_jax.training import step as ts
 from llama_jax.parallel.sharding import init_sharded_params
 
@@ -22,10 +23,10 @@ def make_batches():
 
 def run_steps(mesh, batches):
     """Train STEPS steps from a fixed init; returns (losses as floats, final params)."""
-    schedule = ts.make_schedule(1e-2, 1, STEPS)
+    schedule = optim.make_schedule(1e-2, 1, STEPS)
     # eps 1e-3: Adam's early steps are ~ g / |g|, which would magnify float-summation-order noise in
     # near-zero gradients when the final parameters are compared (see EPS in tests/test_sharding.py).
-    optimizer = ts.make_optimizer(schedule, eps=1e-3)
+    optimizer = optim.make_optimizer(schedule, eps=1e-3)
     shardings = ts.state_shardings(CONFIG, optimizer, mesh)
     state = ts.init_train_state(init_sharded_params(CONFIG, mesh, jax.random.PRNGKey(0)), optimizer, shardings)
     step = ts.make_train_step(CONFIG, optimizer, mesh, shardings=shardings, schedule=schedule)

@@ -10,8 +10,8 @@ import pytest
 
 from llama_jax import Llama, LlamaConfig, init_params
 from llama_jax.training import step as ts
-from llama_jax.parallel.sharding import (MeshError, device_bytes, make_mesh, make_rules, param_bytes_per_device,
-                                param_shardings)
+from llama_jax.parallel.sharding import (MeshError, make_mesh, make_rules, measured_bytes_per_device,
+                                         param_bytes_per_device, param_shardings)
 
 # 8 heads, 2 KV heads, every dimension divisible by 8, so every mesh of 8 devices can split it.
 CFG = LlamaConfig.from_preset("tiny", vocab_size=256, hidden_size=64, intermediate_size=128, num_layers=2,
@@ -76,7 +76,8 @@ def _batch():
 
 
 def _optimizer():
-    return ts.make_optimizer(LR, eps=EPS, weight_decay=0.1, clip_norm=1.0)
+    from llama_jax.training.optim import make_optimizer
+    return make_optimizer(LR, eps=EPS, weight_decay=0.1, clip_norm=1.0)
 
 
 @pytest.fixture(scope="module")
@@ -194,12 +195,31 @@ def test_bad_rules_and_mesh_sizes_are_clear_errors():
         ts.make_forward(CFG, make_mesh(2, 4, 1))(None, {"inputs": np.zeros((12, 16), np.int32)})
 
 
+def test_make_mesh_takes_sizes_by_name_over_any_devices_and_any_declared_axes(monkeypatch):
+    """One builder: sizes by position or name (defaults for the rest), any device list, valid sizes listed
+    when they do not fit; an axis added to MESH_AXES is all make_mesh needs to know of it."""
+    from llama_jax.parallel import sharding
+
+    assert dict(make_mesh().shape) == {"data": 1, "fsdp": 8, "tensor": 1}
+    assert dict(make_mesh(tensor=2).shape) == {"data": 1, "fsdp": 4, "tensor": 2}
+    four = jax.devices()[4:]
+    mesh = make_mesh(1, 1, 4, devices=four)
+    assert list(mesh.devices.flat) == four
+    with pytest.raises(MeshError, match=r"data=1 × fsdp=3 × tensor=1 does not divide the 4 devices.*divisors "
+                                        r"of 4: \[1, 2, 4\], e.g. \(data=1, fsdp=4, tensor=1\)"):
+        make_mesh(fsdp=3, devices=four)
+    with pytest.raises(MeshError, match=r"unknown mesh axis \['expert'\]"):
+        make_mesh(expert=2)
+    monkeypatch.setattr(sharding, "MESH_AXES", ("data", "fsdp", "expert", "tensor"))
+    assert dict(make_mesh(expert=2, tensor=2).shape) == {"data": 1, "fsdp": 2, "expert": 2, "tensor": 2}
+
+
 @pytest.mark.parametrize("shape", [(1, 8, 1), (1, 4, 2), (2, 2, 2)])
 def test_per_device_parameter_bytes(shape, params0):
     mesh = make_mesh(*shape)
     params = jax.device_put(params0, param_shardings(CFG, mesh))
     total = sum(x.nbytes for x in jax.tree.leaves(params))
-    measured = device_bytes(params)
+    measured = measured_bytes_per_device(params)
     split = shape[1] * shape[2]
     # Norm scales are replicated (a few hundred floats); everything else divides exactly.
     replicated = sum(x.nbytes for p, x in jax.tree_util.tree_flatten_with_path(params)[0] if "norm" in _name(p))

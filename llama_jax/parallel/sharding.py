@@ -4,11 +4,15 @@ Parameters and activations carry logical axis names ("embed", "heads", ...); `DE
 the mesh axes ("data", "fsdp", "tensor"). Changing parallelism means changing the mesh shape or the rules,
 never the model.
 
-    make_mesh(data, fsdp, tensor)      the mesh over all devices of all processes (tensor innermost)
+    make_mesh(data, fsdp, tensor)      the mesh over any devices (default: all, of all processes); one size
+                                       per axis of MESH_AXES, by position or name
     make_rules({...})                  the rules with overrides (e.g. from a run config)
     param_shardings / param_specs      where each parameter lives (param_specs also for a mesh you lack)
-    param_bytes_per_device             planned parameter bytes per device; device_bytes measures them
+    param_bytes_per_device             planned parameter bytes per device; measured_bytes_per_device
+                                       measures them on real arrays
     batch_sharding, replicated         shardings for input batches / activations and for scalars
+    mesh_axes_of, split_axes, batch_shards   which mesh axes a logical axis splits over (for code that must
+                                       not spell axis names: the trainer, aot), how many ways the batch splits
     init_sharded_params, use_mesh      parameters created in place; the context the model traces in
 """
 
@@ -16,7 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Dict, Mapping, Optional, Sequence, Tuple
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 import flax.linen as nn
 import jax
@@ -27,7 +31,10 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from llama_jax.config import LlamaConfig
 from llama_jax.errors import MeshError  # noqa: F401 (also re-exported)
 
+# The mesh axes, outermost first: the last gets the nearest devices (its collectives run every layer).
 MESH_AXES = ("data", "fsdp", "tensor")
+# make_mesh's sizes when not given (every other axis: 1); -1 takes the devices the other axes leave.
+DEFAULT_SIZES = {"fsdp": -1}
 
 # logical axis -> mesh axis (or tuple of mesh axes, or None = replicated)
 DEFAULT_RULES: Tuple[Tuple[str, object], ...] = (
@@ -37,7 +44,8 @@ DEFAULT_RULES: Tuple[Tuple[str, object], ...] = (
     ("act_heads", "tensor"),
     ("act_mlp", "tensor"),
     ("act_vocab", "tensor"),
-    ("embed", "fsdp"),
+    ("embed", "fsdp"),      # the model dim as a matmul input (q/k/v, gate/up, the output head, the embedding)
+    ("embed_out", "fsdp"),  # the model dim as a matmul output (o, down): may be split differently
     ("heads", "tensor"),
     ("kv_heads", "tensor"),
     ("mlp", "tensor"),
@@ -74,25 +82,59 @@ def make_rules(overrides: Optional[Mapping[str, object]] = None, base=DEFAULT_RU
     return tuple(table.items())
 
 
-def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, devices: Optional[Sequence] = None) -> Mesh:
-    """A (data, fsdp, tensor) mesh over `devices` (default: all devices of all processes); one size may be
-    -1 to take what is left. Tensor is innermost so its collectives stay on the nearest devices."""
+def make_mesh(*sizes: int, devices: Optional[Sequence] = None, **named: int) -> Mesh:
+    """A mesh over `devices` (default: all devices of all processes) with one size per axis of MESH_AXES, given
+    in that order or by name: `make_mesh(1, 8, 1)`, `make_mesh(data=2, fsdp=-1, tensor=4)`. Unnamed axes take
+    DEFAULT_SIZES; one size may be -1 to take the devices the others leave. The devices are laid out on the
+    physical torus where jax knows it (a TPU slice, also one described by libtpu without a TPU), the last
+    axis innermost so its collectives stay on the nearest devices; elsewhere in the order given."""
     devices = list(jax.devices() if devices is None else devices)
-    sizes = [data, fsdp, tensor]
-    if sum(s == -1 for s in sizes) > 1:
-        raise MeshError(f"make_mesh(data={data}, fsdp={fsdp}, tensor={tensor}): at most one size may be -1")
+    shape = _mesh_sizes(sizes, named)
+    resolved = _resolve_sizes(shape, len(devices))
+    auto = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
+    try:
+        return jax.make_mesh(resolved, MESH_AXES, axis_types=auto, devices=devices)
+    except Exception:  # a device set the physical-layout helper does not know: plain row-major order
+        return Mesh(np.asarray(devices).reshape(resolved), MESH_AXES, axis_types=auto)
+
+
+def _mesh_sizes(sizes: Sequence[int], named: Mapping[str, int]) -> Dict[str, int]:
+    """{axis: size} for every axis of MESH_AXES from positional and named sizes, defaults for the rest."""
+    if len(sizes) > len(MESH_AXES):
+        raise MeshError(f"make_mesh{tuple(sizes)}: {len(sizes)} sizes for the {len(MESH_AXES)} mesh axes "
+                        f"{MESH_AXES}")
+    unknown = sorted(set(named) - set(MESH_AXES))
+    if unknown:
+        raise MeshError(f"make_mesh: unknown mesh axis {unknown}; mesh axes are {MESH_AXES}")
+    twice = sorted(set(named) & set(MESH_AXES[:len(sizes)]))
+    if twice:
+        raise MeshError(f"make_mesh: {twice} given both by position and by name; mesh axes are {MESH_AXES}")
+    out = {a: DEFAULT_SIZES.get(a, 1) for a in MESH_AXES}
+    out.update(zip(MESH_AXES, sizes))
+    out.update(named)
+    return out
+
+
+def _divisors(n: int) -> List[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def _resolve_sizes(shape: Mapping[str, int], n: int) -> Tuple[int, ...]:
+    """The mesh shape over `n` devices, the one -1 (if any) filled in; a MeshError that lists the valid
+    sizes when `shape` does not cover the devices exactly."""
+    sizes = [shape[a] for a in MESH_AXES]
     known = math.prod(s for s in sizes if s != -1)
-    if any(s == 0 or s < -1 for s in sizes) or len(devices) % known:
-        raise MeshError(f"make_mesh(data={data}, fsdp={fsdp}, tensor={tensor}): sizes must be positive (or one "
-                        f"-1) and their product must divide the {len(devices)} devices")
-    sizes = [len(devices) // known if s == -1 else s for s in sizes]
-    if math.prod(sizes) != len(devices):
-        raise MeshError(f"make_mesh: data*fsdp*tensor = {math.prod(sizes)} but there are {len(devices)} devices "
-                        f"(data={sizes[0]}, fsdp={sizes[1]}, tensor={sizes[2]})")
-    auto = (jax.sharding.AxisType.Auto,) * 3
-    if devices == list(jax.devices()):
-        return jax.make_mesh(tuple(sizes), MESH_AXES, axis_types=auto)
-    return Mesh(np.asarray(devices).reshape(sizes), MESH_AXES, axis_types=auto)
+    bad = (sum(s == -1 for s in sizes) > 1 or any(s == 0 or s < -1 for s in sizes) or n % known
+           or (-1 not in sizes and known != n))
+    if bad:
+        fill, inner = next(a for a in MESH_AXES if DEFAULT_SIZES.get(a) == -1), MESH_AXES[-1]
+        examples = ", ".join(
+            "(" + ", ".join(f"{a}={t if a == inner else n // t if a == fill else 1}" for a in MESH_AXES) + ")"
+            for t in _divisors(n) if t <= 16)
+        raise MeshError(f"mesh {' × '.join(f'{a}={shape[a]}' for a in MESH_AXES)} does not divide the {n} "
+                        f"devices: the product must be {n} (one size may be -1); valid sizes are the divisors "
+                        f"of {n}: {_divisors(n)}, e.g. {examples}")
+    return tuple(n // known if s == -1 else s for s in sizes)
 
 
 def _axis_sizes(mesh) -> Mapping[str, int]:
@@ -150,6 +192,13 @@ def batch_shards(mesh, rules=DEFAULT_RULES) -> int:
     return math.prod(_axis_sizes(mesh).get(a, 1) for a in mesh_axes_of("batch", rules))
 
 
+def split_axes(logical: str, mesh, rules=DEFAULT_RULES) -> Tuple[str, ...]:
+    """The mesh axes of size > 1 that `logical` is split over on `mesh` (a Mesh or {axis: size}); e.g.
+    split_axes("heads", mesh) are the tensor-parallel axes, () when the mesh has none."""
+    sizes = _axis_sizes(mesh)
+    return tuple(a for a in mesh_axes_of(logical, rules) if sizes.get(a, 1) > 1)
+
+
 def check_batch_size(batch_size: int, mesh: Mesh, rules=DEFAULT_RULES, what: str = "batch") -> None:
     """MeshError unless `batch_size` splits evenly over the mesh axes the batch is sharded on."""
     axes, size = mesh_axes_of("batch", rules), batch_shards(mesh, rules)
@@ -202,8 +251,9 @@ def param_bytes_per_device(config: LlamaConfig, mesh, rules=DEFAULT_RULES, dtype
     return total
 
 
-def device_bytes(tree) -> Dict[object, int]:
-    """Measured: {device: bytes of the tree's array shards stored on it} (this process's devices)."""
+def measured_bytes_per_device(tree) -> Dict[object, int]:
+    """Measured: {device: bytes of the tree's array shards stored on it} (this process's devices); the plan
+    for an abstract tree is llama_jax.aot.analysis.abstract_bytes_per_device."""
     out: Dict[object, int] = {}
     for leaf in jax.tree.leaves(tree):
         for shard in leaf.addressable_shards:
