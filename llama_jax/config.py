@@ -157,17 +157,6 @@ class LlamaConfig:
         """Query heads per KV head (G)."""
         return self.num_heads // self.num_kv_heads
 
-    def num_params(self, include_embedding: bool = True) -> int:
-        d, f, h = self.hidden_size, self.intermediate_size, self.head_dim
-        attn = d * h * (self.num_heads * 2 + self.num_kv_heads * 2)
-        per_layer = attn + 3 * d * f + 2 * d
-        total = self.num_layers * per_layer + d
-        if include_embedding:
-            total += self.vocab_size * d * (1 if self.tie_word_embeddings else 2)
-        elif not self.tie_word_embeddings:
-            total += self.vocab_size * d  # the output projection is a real matmul
-        return total
-
     def replace(self, **changes) -> "LlamaConfig":
         """A copy with some fields changed (validated again)."""
         unknown = sorted(set(changes) - {f.name for f in dataclasses.fields(self)})
@@ -295,6 +284,14 @@ class LlamaConfig:
         if large_vocab and scaling is None:
             kwargs["eos_token_id"] = (128001, 128009)
         return _construct(cls, kwargs, overrides, where)
+
+
+def dtype_of(name):
+    """The numpy dtype of a dtype name ("bfloat16" through ml_dtypes), as jnp.dtype(name) gives it."""
+    import ml_dtypes
+    import numpy as np
+
+    return np.dtype(ml_dtypes.bfloat16) if name == "bfloat16" else np.dtype(name)
 
 
 def meta_ffn_hidden_size(dim: int, multiple_of: int, ffn_dim_multiplier: Optional[float]) -> int:

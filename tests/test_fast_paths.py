@@ -1,6 +1,6 @@
 """The speed paths give the numbers of the plain formulas: hand-written backward passes (`layers.dense`,
-`layers.swiglu`, `attention._attend`) against autodiff, and per-layer parameters (`model.unstack_layers`)
-against the stacked model, with and without a KV cache and through the sampler."""
+`layers.swiglu`, `attention._attend`) against autodiff, and the CPU decoding layout (`cpu.decode_layout`: per-layer
+parameters and caches) against the stacked model, with and without a KV cache and through the sampler."""
 
 import flax.linen as nn
 import jax
@@ -11,7 +11,7 @@ import pytest
 from llama_jax import Llama, LlamaConfig, init_cache, init_params
 from llama_jax.model.attention import _attend
 from llama_jax.model.layers import dense, swiglu
-from llama_jax.model.transformer import unstack_layers
+from llama_jax.cpu.decode_layout import PerLayerLlama, init_per_layer_cache, unstack_layers
 
 
 def _grads(f, *args):
@@ -78,17 +78,19 @@ def test_unstacked_layers_equal_stacked():
     split = unstack_layers(params)
     assert "layers" not in split and len([k for k in split if k.startswith("layers_")]) == cfg.num_layers
     tokens = jnp.asarray(np.random.RandomState(0).randint(0, cfg.vocab_size, (2, 9)))
-    model = Llama(cfg)
-    np.testing.assert_allclose(model.apply({"params": split}, tokens), model.apply({"params": params}, tokens),
-                               atol=1e-5)
+    model, per_layer_model = Llama(cfg), PerLayerLlama(cfg)
+    np.testing.assert_allclose(per_layer_model.apply({"params": split}, tokens),
+                               model.apply({"params": params}, tokens), atol=1e-5)
+    with pytest.raises(ValueError, match="PerLayerLlama"):
+        model.apply({"params": split}, tokens)
     cache = init_cache(cfg, 2, 12)
     want_logits, want_cache = model.apply({"params": params}, tokens, cache=cache, cache_index=0)
-    got_logits, got_cache = model.apply({"params": split}, tokens, cache=cache, cache_index=0)
+    got_logits, got_cache = per_layer_model.apply({"params": split}, tokens, cache=cache, cache_index=0)
     np.testing.assert_allclose(got_logits, want_logits, atol=1e-5)
     for name in ("k", "v"):
         np.testing.assert_allclose(got_cache[name], want_cache[name], atol=1e-5)
 
-    from llama_jax.sampling.sampler import generate_ids
+    from llama_jax.sampling import generate_ids
     prompts = [[1, 5, 7], [3, 4]]
     assert generate_ids(split, cfg, prompts, max_new_tokens=5) == generate_ids(params, cfg, prompts, max_new_tokens=5)
 
@@ -98,16 +100,16 @@ def test_per_layer_cache_equals_stacked_cache(batch):
     cfg = LlamaConfig.from_preset("tiny", num_kv_heads=1)
     params = init_params(cfg, jax.random.PRNGKey(0))
     split = unstack_layers(params)
-    model = Llama(cfg)
+    model, per_layer_model = Llama(cfg), PerLayerLlama(cfg)
     rng = np.random.RandomState(3)
     prompt, step = (jnp.asarray(rng.randint(0, cfg.vocab_size, shape)) for shape in ((batch, 6), (batch, 1)))
-    stacked, per_layer = init_cache(cfg, batch, 10), init_cache(cfg, batch, 10, per_layer=True)
+    stacked, per_layer = init_cache(cfg, batch, 10), init_per_layer_cache(cfg, batch, 10)
     assert stacked["k"].shape[-2:] == (cfg.head_dim, 10) and stacked["v"].shape[-2:] == (10, cfg.head_dim)
     assert len(per_layer["k"]) == cfg.num_layers
     assert per_layer["k"][0].shape == stacked["k"].shape[2 if batch == 1 else 1:]
     for tokens, index in ((prompt, 0), (step, 6)):  # a prefill, then one decode step at slot 6
         want, stacked = model.apply({"params": params}, tokens, cache=stacked, cache_index=index)
-        got, per_layer = model.apply({"params": split}, tokens, cache=per_layer, cache_index=index)
+        got, per_layer = per_layer_model.apply({"params": split}, tokens, cache=per_layer, cache_index=index)
         np.testing.assert_allclose(got, want, atol=1e-5)
         for name in ("k", "v"):
             np.testing.assert_allclose(jnp.stack(per_layer[name]).reshape(stacked[name].shape), stacked[name],
@@ -119,7 +121,7 @@ def test_per_layer_cache_equals_stacked_cache(batch):
 
 
 def test_sampler_keeps_per_layer_weights_on_cpu():
-    from llama_jax.sampling.sampler import Sampler
+    from llama_jax.sampling import Sampler
 
     class Tok:  # just enough tokenizer for generate_ids
         vocab_size, stop_ids = 16, ()
@@ -149,8 +151,8 @@ def test_fused_decoding_layout_equals_stacked():
         assert mlp["gate_up"].shape == (cfg.hidden_size, 2 * cfg.intermediate_size)
         assert isinstance(attn["qkv"], QArray) == (tree is not params)
         want, want_cache = model.apply({"params": tree}, tokens, cache=init_cache(cfg, 2, 9), cache_index=0)
-        got, got_cache = model.apply({"params": fused}, tokens, cache=init_cache(cfg, 2, 9, per_layer=True),
-                                     cache_index=0)
+        got, got_cache = PerLayerLlama(cfg).apply({"params": fused}, tokens, cache=init_per_layer_cache(cfg, 2, 9),
+                                                  cache_index=0)
         np.testing.assert_allclose(got, want, atol=1e-5)
         np.testing.assert_allclose(jnp.stack(got_cache["v"]), want_cache["v"], atol=1e-5)
 

@@ -77,3 +77,51 @@ def test_config_validation_names_the_value(bad, message):
 def test_unknown_preset_suggests_close_names():
     with pytest.raises(ConfigError, match="llama3.1-8b"):
         LlamaConfig.from_preset("llama3.1-8")
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_spec_trees_equal_what_flax_builds(tied):
+    """The spec states the layout once: its shapes, dtypes and logical axes are exactly the tree Flax's init
+    creates (so sharding, conversion and checkpoints, which read the spec, describe the real model)."""
+    import jax
+    from jax.sharding import PartitionSpec
+
+    from llama_jax.model import spec
+    from llama_jax.model.transformer import traced_param_tree
+
+    cfg = LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=40, num_layers=3, num_heads=4,
+                      num_kv_heads=2, head_dim=12, tie_word_embeddings=tied, param_dtype="bfloat16")
+    shapes, axes = traced_param_tree(cfg)
+    is_spec = lambda x: isinstance(x, PartitionSpec)  # noqa: E731
+    assert jax.tree.structure(spec.param_shapes(cfg)) == jax.tree.structure(shapes)
+    assert jax.tree.leaves(spec.param_shapes(cfg)) == jax.tree.leaves(shapes)
+    assert jax.tree.structure(spec.logical_axes(cfg), is_leaf=is_spec) == jax.tree.structure(axes, is_leaf=is_spec)
+    assert jax.tree.leaves(spec.logical_axes(cfg), is_leaf=is_spec) == jax.tree.leaves(axes, is_leaf=is_spec)
+    assert ("lm_head" in shapes) == (not tied)
+
+
+def test_spec_hf_transforms_round_trip_and_counts():
+    import math
+
+    import numpy as np
+
+    from llama_jax.model import flops, spec
+
+    cfg = LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=40, num_layers=2, num_heads=4,
+                      num_kv_heads=2, head_dim=12)
+    rng = np.random.default_rng(0)
+    for p in spec.params(cfg):
+        w = rng.standard_normal(p.hf_shape(cfg)).astype(np.float32)
+        ours = p.from_hf(w, cfg)
+        assert ours.shape == p.shape(cfg)
+        np.testing.assert_array_equal(p.to_hf(ours, cfg), w)
+    # q: HF [N*H, D] rows are output features: our [D, N, H] is its transpose with the heads split out
+    q = spec.get("layers/attn/q")
+    w = rng.standard_normal(q.hf_shape(cfg)).astype(np.float32)
+    np.testing.assert_array_equal(q.from_hf(w, cfg)[:, 1, :], w[12:24].T)
+    # counts: written out by hand for this config
+    d, f, n, k, h, v, layers = 32, 40, 4, 2, 12, 96, 2
+    per_layer = d * n * h * 2 + d * k * h * 2 + 3 * d * f + 2 * d
+    assert flops.num_params(cfg) == layers * per_layer + d + 2 * v * d
+    assert flops.matmul_params(cfg) == layers * (per_layer - 2 * d) + d * v
+    assert math.prod(spec.get("layers/attn/o").full_shape(cfg)) == layers * n * h * d

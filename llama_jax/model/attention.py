@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 
 from llama_jax.config import LlamaConfig
-from llama_jax.model.layers import dense, dtype_of, kernel_init, param_with_axes
+from llama_jax.model.layers import dense, dtype_of, spec_param
 from llama_jax.model.rope import apply_rotary
 
 KVCache = dict  # {"k": [B, K, H, S], "v": [B, K, S, H]} for one layer; stacked [L, ...] in the model.
@@ -136,48 +136,45 @@ def dot_product_attention(q, k, v, mask, causal_from_zero: bool = False) -> jnp.
     return jnp.concatenate(blocks, axis=1).reshape(b, t, n, h)
 
 
+def rotate(q, k, v, cos, sin):
+    """RoPE on q [B, T, N, H] and k [B, T, K, H]; keys and values turned into the cache's layouts.
+    Returns q [B, T, N, H], k [B, K, H, T], v [B, K, T, H]."""
+    q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+    q = nn.with_logical_constraint(q, ("batch", "length", "act_heads", "head_dim"))
+    return q, k.transpose(0, 2, 3, 1), v.transpose(0, 2, 1, 3)
+
+
+def attend_and_project(q, k, v, mask, wo, from_zero: bool):
+    """Attention over keys k [B, K, H, S] / values v [B, K, S, H], then the output projection wo [N, H, D]
+    -> [B, T, D]. `from_zero`: see dot_product_attention's causal_from_zero."""
+    out = dot_product_attention(q, k, v, mask, causal_from_zero=from_zero)  # [B, T, N, H]
+    return dense(out, wo, contract=2)  # BTNH,NHD->BTD
+
+
+def starts_at_zero(cache, cache_index) -> bool:
+    """A static 0 (not a traced index): the sampler's prefill and every pass without a cache."""
+    return cache is None or (isinstance(cache_index, int) and cache_index == 0)
+
+
 class Attention(nn.Module):
     config: LlamaConfig
-    return_cache: bool = False  # return the updated layer cache rather than only the new keys/values
 
     @nn.compact
     def __call__(self, x, cos, sin, mask, cache: Optional[KVCache] = None, cache_index=None):
         """x [B, T, D]; cos/sin [B, T, H/2]; mask [B, T, S]. With a cache, the new keys/values are written at
         `cache_index` and attention runs over the whole cache. Returns (y [B, T, D], the new keys/values
-        {"k": [B, K, H, T], "v": [B, K, T, H]} to write at cache_index, or None without a cache). With
-        `return_cache`, the second item is the whole updated layer cache instead."""
-        cfg = self.config
-        dt, pdt = dtype_of(cfg.dtype), dtype_of(cfg.param_dtype)
-        d, n, kvh, h = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        init = kernel_init(cfg)
-        if self.has_variable("params", "qkv"):  # the fused decoding layout (model.unstack_layers(fuse=True))
-            qkv = dense(x, self.get_variable("params", "qkv").astype(dt))  # BTD,D(N+2K)H->BT(N+2K)H
-            q, k, v = jnp.split(qkv.reshape(qkv.shape[:2] + (n + 2 * kvh, h)), [n, n + kvh], axis=2)
-        else:
-            q = dense(x, param_with_axes(self, "q", init, (d, n, h), pdt, ("embed", "heads", "head_dim")).astype(dt))
-            k = dense(x, param_with_axes(self, "k", init, (d, kvh, h), pdt, ("embed", "kv_heads", "head_dim")
-                                         ).astype(dt))  # BTD,DKH->BTKH
-            v = dense(x, param_with_axes(self, "v", init, (d, kvh, h), pdt, ("embed", "kv_heads", "head_dim")
-                                         ).astype(dt))
-        wo = param_with_axes(self, "o", init, (n, h, d), pdt, ("heads", "head_dim", "embed")).astype(dt)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)  # [B, T, N, H], [B, T, K, H]
-        q = nn.with_logical_constraint(q, ("batch", "length", "act_heads", "head_dim"))
-
-        k, v = k.transpose(0, 2, 3, 1), v.transpose(0, 2, 1, 3)  # [B, K, H, T] and [B, K, T, H]: the cache's
+        {"k": [B, K, H, T], "v": [B, K, T, H]} to write at cache_index, or None without a cache)."""
+        dt = dtype_of(self.config.dtype)
+        q = dense(x, spec_param(self, "layers/attn/q").astype(dt))  # BTD,DNH->BTNH
+        k = dense(x, spec_param(self, "layers/attn/k").astype(dt))  # BTD,DKH->BTKH
+        v = dense(x, spec_param(self, "layers/attn/v").astype(dt))
+        wo = spec_param(self, "layers/attn/o").astype(dt)  # [N, H, D]
+        q, k, v = rotate(q, k, v, cos, sin)  # [B, T, N, H], [B, K, H, T], [B, K, T, H]: the cache's layouts
         new_kv = None
         if cache is not None:
             # Under the layer scan, return only the T new keys/values: the caller writes them into the stacked
-            # cache once, in place, instead of the scan stacking a second copy. A per-layer cache (return_cache)
-            # gets back the buffers updated here, so the update is made once.
+            # cache once, in place, instead of the scan stacking a second copy.
             new_kv = {"k": k.astype(cache["k"].dtype), "v": v.astype(cache["v"].dtype)}
-            squeezed = cache["k"].ndim == 3  # a per-layer cache at batch 1 (see model.init_cache)
-            full = write_slots(cache, {n: a[0] for n, a in new_kv.items()} if squeezed else new_kv, cache_index)
-            k, v = (full[n][None] if squeezed else full[n] for n in ("k", "v"))
-            k, v = k.astype(dt), v.astype(dt)  # [B, K, H, S], [B, K, S, H]
-            if self.return_cache:
-                new_kv = full
-
-        # Static 0 (not a traced index): the sampler's prefill and every pass without a cache.
-        from_zero = cache is None or (isinstance(cache_index, int) and cache_index == 0)
-        out = dot_product_attention(q, k, v, mask, causal_from_zero=from_zero)  # [B, T, N, H]
-        return dense(out, wo, contract=2), new_kv  # BTNH,NHD->BTD
+            full = write_slots(cache, new_kv, cache_index)
+            k, v = full["k"].astype(dt), full["v"].astype(dt)  # [B, K, H, S], [B, K, S, H]
+        return attend_and_project(q, k, v, mask, wo, starts_at_zero(cache, cache_index)), new_kv

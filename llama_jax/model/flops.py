@@ -6,17 +6,30 @@ only the useful work of the forward and backward passes (no rematerialisation), 
 
 from __future__ import annotations
 
-from typing import Optional
+import math
+from typing import Optional, Sequence
 
 from llama_jax.config import LlamaConfig
+from llama_jax.model import spec
+
+
+def param_count(config: LlamaConfig, names: Optional[Sequence[str]] = None) -> int:
+    """Parameters of the spec's tensors `names` ("layers/attn/q", ...; default: every tensor of the model)."""
+    chosen = spec.params(config) if names is None else (spec.get(n) for n in names)
+    return sum(math.prod(p.full_shape(config)) for p in chosen if p.present(config))
+
+
+def num_params(config: LlamaConfig, include_embedding: bool = True) -> int:
+    """All parameters; without the embedding table, an untied output head still counts (it is a real matmul)."""
+    return param_count(config) - (0 if include_embedding else param_count(config, ["embed/embedding"]))
 
 
 def matmul_params(config: LlamaConfig) -> int:
     """Parameters that take part in a matmul per token: attention and MLP projections and the output head
     (the tied embedding counts once, as the head; the embedding lookup and the norms are not matmuls)."""
-    d, f, h = config.hidden_size, config.intermediate_size, config.head_dim
-    attn = d * h * (2 * config.num_heads + 2 * config.num_kv_heads)  # q, o and k, v
-    return config.num_layers * (attn + 3 * d * f) + d * config.vocab_size
+    weights = [p.name for p in spec.params(config) if p.inputs]
+    tied_head = ["embed/embedding"] if config.tie_word_embeddings else []
+    return param_count(config, weights + tied_head)
 
 
 def train_flops_per_token(config: LlamaConfig, seq_len: int) -> float:

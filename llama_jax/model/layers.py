@@ -13,16 +13,17 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from llama_jax.config import LlamaConfig
+from llama_jax.config import LlamaConfig, dtype_of  # noqa: F401 (dtype_of: re-exported for the model files)
+from llama_jax.model import spec
 
 
-def dtype_of(name: str):
-    return jnp.dtype(name)
-
-
-def param_with_axes(module: nn.Module, name: str, init, shape, dtype, axes):
-    """A parameter whose metadata carries the logical axis names `axes` (one per dimension)."""
-    return module.param(name, nn.with_logical_partitioning(init, axes), shape, dtype)
+def spec_param(module: nn.Module, name: str):
+    """The parameter `name` of the spec ("layers/attn/q"), created by `module` (whose scope holds its last key)
+    with the spec's shape, initializer and logical axis names (per layer: nn.scan adds the layer axis)."""
+    p, cfg = spec.get(name), module.config
+    init = nn.initializers.ones if p.init == "ones" else nn.initializers.normal(stddev=cfg.initializer_range)
+    return module.param(p.path[-1], nn.with_logical_partitioning(init, p.axes), p.shape(cfg),
+                        dtype_of(cfg.param_dtype))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
@@ -71,20 +72,16 @@ def dense(x: jnp.ndarray, w: jnp.ndarray, contract: int = 1, *, w_transposed: bo
     return _dense(x, w, contract, w_transposed, out_dtype)
 
 
-def kernel_init(config: LlamaConfig):
-    return nn.initializers.normal(stddev=config.initializer_range)
-
-
 class RMSNorm(nn.Module):
-    """x / rms(x) * scale, with the statistics in float32 (as transformers does)."""
+    """x / rms(x) * scale, with the statistics in float32 (as transformers does). `spec_name`: the scale's path."""
 
     config: LlamaConfig
+    spec_name: str
 
     @nn.compact
     def __call__(self, x: jnp.ndarray) -> jnp.ndarray:  # [..., D] -> [..., D]
         cfg = self.config
-        scale = param_with_axes(self, "scale", nn.initializers.ones, (x.shape[-1],),
-                                dtype_of(cfg.param_dtype), ("norm",))
+        scale = spec_param(self, self.spec_name)
         xf = x.astype(jnp.float32)
         variance = jnp.mean(jnp.square(xf), axis=-1, keepdims=True)
         normed = (xf * jax.lax.rsqrt(variance + cfg.rms_norm_eps)).astype(dtype_of(cfg.dtype))
@@ -97,9 +94,7 @@ class Embedding(nn.Module):
     config: LlamaConfig
 
     def setup(self):
-        cfg = self.config
-        self.embedding = param_with_axes(self, "embedding", kernel_init(cfg), (cfg.vocab_size, cfg.hidden_size),
-                                         dtype_of(cfg.param_dtype), ("vocab", "embed"))
+        self.embedding = spec_param(self, "embed/embedding")
 
     def __call__(self, tokens: jnp.ndarray) -> jnp.ndarray:  # [B, T] -> [B, T, D]
         # Gather the fsdp-split embed dimension first: a gather from a table split on both axes makes the
@@ -141,15 +136,14 @@ class MLP(nn.Module):
     @nn.compact
     def __call__(self, x: jnp.ndarray) -> jnp.ndarray:  # [B, T, D] -> [B, T, D]
         cfg = self.config
-        dt, pdt = dtype_of(cfg.dtype), dtype_of(cfg.param_dtype)
-        d, f = cfg.hidden_size, cfg.intermediate_size
-        if self.has_variable("params", "gate_up"):  # the fused decoding layout (model.unstack_layers(fuse=True))
-            gate_up = dense(x, self.get_variable("params", "gate_up").astype(dt))  # BTD,D(2F)->BT(2F)
-            gate, up = gate_up[..., :f], gate_up[..., f:]
-        else:
-            gate = dense(x, param_with_axes(self, "gate", kernel_init(cfg), (d, f), pdt, ("embed", "mlp")).astype(dt))
-            up = dense(x, param_with_axes(self, "up", kernel_init(cfg), (d, f), pdt, ("embed", "mlp")).astype(dt))
-        down = param_with_axes(self, "down", kernel_init(cfg), (f, d), pdt, ("mlp", "embed")).astype(dt)
-        h = swiglu(gate, up)  # [B, T, F]
-        h = nn.with_logical_constraint(h, ("batch", "length", "act_mlp"))
-        return dense(h, down)  # BTF,FD->BTD
+        dt = dtype_of(cfg.dtype)
+        gate = dense(x, spec_param(self, "layers/mlp/gate").astype(dt))  # BTD,DF->BTF
+        up = dense(x, spec_param(self, "layers/mlp/up").astype(dt))
+        return gated_down(gate, up, spec_param(self, "layers/mlp/down").astype(dt))
+
+
+def gated_down(gate, up, down):
+    """down(silu(gate) * up): gate, up [B, T, F], down [F, D] -> [B, T, D]."""
+    h = swiglu(gate, up)  # [B, T, F]
+    h = nn.with_logical_constraint(h, ("batch", "length", "act_mlp"))
+    return dense(h, down)  # BTF,FD->BTD

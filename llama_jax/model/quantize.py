@@ -16,17 +16,11 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec
 
-# param path -> the axes summed over in its matmul (one scale per remaining index = per output channel)
-_REDUCED_AXES = {
-    ("layers", "attn", "q"): (1,),        # [L, D, N, H]
-    ("layers", "attn", "k"): (1,),        # [L, D, K, H]
-    ("layers", "attn", "v"): (1,),
-    ("layers", "attn", "o"): (1, 2),      # [L, N, H, D]
-    ("layers", "mlp", "gate"): (1,),      # [L, D, F]
-    ("layers", "mlp", "up"): (1,),
-    ("layers", "mlp", "down"): (1,),      # [L, F, D]
-    ("lm_head",): (0,),                   # [D, V]
-}
+from llama_jax.model import spec
+
+# param path -> the axes summed over in its matmul (one scale per remaining index = per output channel): the
+# spec's int8 candidates, e.g. layers/attn/o [L, N, H, D] -> (1, 2)
+_REDUCED_AXES = {p.path: p.reduced_axes() for p in spec.LLAMA if p.quantize}
 
 
 @jax.tree_util.register_dataclass

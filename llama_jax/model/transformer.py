@@ -2,20 +2,12 @@
 
 Legend: B batch, T query length, S key/cache length, D model dim, V vocab, L layers.
 
-Parameter layout (the one layout the converter, checkpoints and export speak; layer axis first):
-    embed/embedding            [V, D]
-    layers/attn_norm/scale     [L, D]
-    layers/attn/{q}            [L, D, N, H]      layers/attn/{k,v}   [L, D, K, H]
-    layers/attn/o              [L, N, H, D]
-    layers/mlp_norm/scale      [L, D]
-    layers/mlp/{gate,up}       [L, D, F]         layers/mlp/down     [L, F, D]
-    final_norm/scale           [D]
-    lm_head                    [D, V]            (absent when embeddings are tied)
+The parameters (paths, shapes, logical axes, checkpoint names) are stated once, in `model/spec.py`; the modules
+create each one with `spec_param(self, "layers/attn/q")`. `python -m llama_jax.model` prints the table.
 """
 
 from __future__ import annotations
 
-from typing import Optional
 
 import flax.linen as nn
 import jax
@@ -23,10 +15,9 @@ import jax.numpy as jnp
 
 from llama_jax.model.attention import Attention, cache_mask, causal_mask, write_slots
 from llama_jax.config import LlamaConfig
-from llama_jax.model.layers import MLP, Embedding, RMSNorm, dense, dtype_of, kernel_init, param_with_axes
+from llama_jax.model import spec
+from llama_jax.model.layers import MLP, Embedding, RMSNorm, dense, dtype_of, spec_param
 from llama_jax.model.rope import rotary_tables
-
-PARAM_LAYOUT = "llama_jax/stacked-v1"
 
 _REMAT_POLICIES = {
     "full": None,  # save nothing: recompute the whole block in the backward pass
@@ -37,27 +28,26 @@ _REMAT_POLICIES = {
 
 
 class Block(nn.Module):
-    """One pre-norm decoder block; written for nn.scan: (carry x, per-layer cache) -> (x, the new k/v), or with
-    `return_cache` (x, the updated layer cache)."""
+    """One pre-norm decoder block; written for nn.scan: (carry x, per-layer cache) -> (x, the new k/v)."""
 
     config: LlamaConfig
-    return_cache: bool = False
 
     @nn.compact
     def __call__(self, x, layer_cache, cos, sin, mask, cache_index):
         cfg = self.config
-        h, new_kv = Attention(cfg, return_cache=self.return_cache, name="attn")(
-            RMSNorm(cfg, name="attn_norm")(x), cos, sin, mask, layer_cache, cache_index)
+        h, new_kv = Attention(cfg, name="attn")(
+            RMSNorm(cfg, "layers/attn_norm/scale", name="attn_norm")(x), cos, sin, mask, layer_cache, cache_index)
         x = x + h
-        x = x + MLP(cfg, name="mlp")(RMSNorm(cfg, name="mlp_norm")(x))
+        x = x + MLP(cfg, name="mlp")(RMSNorm(cfg, "layers/mlp_norm/scale", name="mlp_norm")(x))
         x = nn.with_logical_constraint(x, ("batch", "length", "act_embed"))
         return x, new_kv
 
 
-def _block_class(config: LlamaConfig):
+def remat_block(block_class, config: LlamaConfig):
+    """`block_class` under the config's rematerialisation policy (itself when remat is "none")."""
     if config.remat == "none":
-        return Block
-    return nn.remat(Block, policy=_REMAT_POLICIES[config.remat], prevent_cse=False)
+        return block_class
+    return nn.remat(block_class, policy=_REMAT_POLICIES[config.remat], prevent_cse=False)
 
 
 class Llama(nn.Module):
@@ -88,99 +78,45 @@ class Llama(nn.Module):
         else:
             if cache_index is None:
                 raise ValueError("Llama: a cache needs cache_index (the slot of the first new token)")
-            cache_len = _cache_length(cache)
+            cache_len = self.cache_length(cache)
             if kv_mask is None:
                 kv_mask = jnp.broadcast_to(jnp.arange(cache_len) < cache_index + length, (batch, cache_len))
             mask = cache_mask(cache_index, kv_mask, length)
 
-        if self.has_variable("params", "layers_0"):  # per-layer parameters: see `unstack_layers`
-            x, new_cache = self._unrolled_layers(x, cache, cos, sin, mask, cache_index)
-        else:
-            if cache is not None and _is_per_layer(cache):
-                raise ValueError("Llama: a per-layer cache (init_cache(..., per_layer=True)) goes with per-layer "
-                                 "parameters (unstack_layers(params)); these parameters are stacked")
-            stack = nn.scan(
-                _block_class(cfg), variable_axes={"params": 0}, split_rngs={"params": True},
-                in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
-                length=cfg.num_layers, metadata_params={nn.PARTITION_NAME: "layers"})
-            x, new_kv = stack(cfg, name="layers")(x, cache, cos, sin, mask, cache_index)  # [L, ...] each
-            new_cache = None if cache is None else write_slots(cache, new_kv, cache_index)
-        x = RMSNorm(cfg, name="final_norm")(x)
+        x, new_cache = self.blocks(x, cache, cos, sin, mask, cache_index)
+        x = RMSNorm(cfg, "final_norm/scale", name="final_norm")(x)
 
         if logits_at is not None:
             x = jnp.take_along_axis(x, logits_at.astype(jnp.int32)[:, None, None], axis=1)  # [B, 1, D]
         if cfg.tie_word_embeddings:
             logits = embed.attend(x)
         else:
-            head = param_with_axes(self, "lm_head", kernel_init(cfg), (cfg.hidden_size, cfg.vocab_size),
-                                   dtype_of(cfg.param_dtype), ("embed", "vocab"))
+            head = spec_param(self, "lm_head")  # [D, V]
             logits = dense(x, head.astype(dtype_of(cfg.dtype)), out_dtype=jnp.float32)  # BTD,DV->BTV
         logits = nn.with_logical_constraint(logits, ("batch", "length", "act_vocab"))
         return logits if cache is None else (logits, new_cache)
 
-    def _unrolled_layers(self, x, cache, cos, sin, mask, cache_index):
-        """The blocks one after another on per-layer parameters `layers_i` (see `unstack_layers`).
-        Returns (x, the updated cache, or None without one)."""
+    def blocks(self, x, cache, cos, sin, mask, cache_index):
+        """The L blocks, scanned over the stacked parameters `layers` [L, ...]. Returns (x, the updated cache,
+        or None without one). The CPU decoding layout (`llama_jax.cpu.decode_layout.PerLayerLlama`) overrides
+        this for per-layer parameters."""
         cfg = self.config
-        # A per-layer cache: each block returns its updated buffers (the attention's one in-place update).
-        per_layer = cache is not None and _is_per_layer(cache)
-        new_kv = []
-        for i in range(cfg.num_layers):
-            layer_cache = None if cache is None else {"k": cache["k"][i], "v": cache["v"][i]}
-            x, kv = _block_class(cfg)(cfg, return_cache=per_layer, name=f"layers_{i}")(
-                x, layer_cache, cos, sin, mask, cache_index)
-            new_kv.append(kv)
-        if cache is None:
-            return x, None
-        if per_layer:
-            return x, {n: tuple(kv[n] for kv in new_kv) for n in ("k", "v")}
-        stacked = {n: jnp.stack([kv[n] for kv in new_kv]) for n in ("k", "v")}
-        return x, write_slots(cache, stacked, cache_index)
+        if not self.is_initializing() and not self.has_variable("params", "layers"):
+            raise ValueError(f"Llama: the parameters have no stacked 'layers' (found {sorted(self.variables['params'])}); "
+                             "per-layer parameters (unstack_layers) run with llama_jax.cpu.decode_layout.PerLayerLlama")
+        stack = nn.scan(
+            remat_block(Block, cfg), variable_axes={"params": 0}, split_rngs={"params": True},
+            in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
+            length=cfg.num_layers, metadata_params={nn.PARTITION_NAME: spec.LAYERS})
+        x, new_kv = stack(cfg, name=spec.LAYERS)(x, cache, cos, sin, mask, cache_index)  # [L, ...] each
+        return x, (None if cache is None else write_slots(cache, new_kv, cache_index))
 
-
-def _is_per_layer(cache: dict) -> bool:
-    return isinstance(cache["k"], (list, tuple))
-
-
-def _cache_length(cache: dict) -> int:
-    return (cache["v"][0] if _is_per_layer(cache) else cache["v"]).shape[-2]  # v: [(L,) B, K, S, H]
-
-
-def unstack_layers(params: dict, fuse: bool = False) -> dict:
-    """The parameter tree with the stacked `layers` [L, ...] split into `layers_0` .. `layers_{L-1}`, one
-    buffer per layer; `Llama.apply` runs such a tree with a Python loop over the layers (same numbers).
-
-    For decoding: inside a compiled decode loop, the scanned model slices every layer's weights out of the
-    stacked arrays at every step, and XLA (on CPU at least) copies each slice before the matmul reads it,
-    about tripling the memory traffic of a step that should read each weight once. With one buffer per layer
-    the matmuls read the weights in place: `generate_ids(unstack_layers(params), config, ...)`. Training
-    keeps the stacked tree (one scanned block: compile time flat in depth).
-
-    `fuse`: also join each layer's q, k and v into one `qkv` weight [D, (N + 2K)·H] and gate and up into one
-    `gate_up` [D, 2F] (int8 weights too): at batch 1, fewer and wider matrix-vector products read memory
-    faster on a CPU (bench-135m: 7% of a decode step). Such a tree is for `Llama.apply` only."""
-    if "layers" not in params:
-        raise KeyError(f"unstack_layers: expected a 'layers' entry (the stacked blocks); found {sorted(params)}")
-    depth = jax.tree.leaves(params["layers"])[0].shape[0]
-    out = {k: v for k, v in params.items() if k != "layers"}
-    for i in range(depth):
-        layer = jax.tree.map(lambda a, i=i: a[i], params["layers"])
-        if fuse:
-            attn, mlp = dict(layer["attn"]), dict(layer["mlp"])
-            attn["qkv"] = _join([attn.pop(n) for n in ("q", "k", "v")])
-            mlp["gate_up"] = _join([mlp.pop(n) for n in ("gate", "up")])
-            layer = {**layer, "attn": attn, "mlp": mlp}
-        out[f"layers_{i}"] = layer
-    return out
-
-
-def _join(weights: list):
-    """Input-side weights [D, ...] (arrays or int8 QArrays) as one [D, sum of their output sizes]."""
-    from llama_jax.model.quantize import QArray
-
-    if isinstance(weights[0], QArray):  # one scale per output channel: the scales join like the values
-        return QArray(_join([w.q for w in weights]), _join([w.scale for w in weights]))
-    return jnp.concatenate([w.reshape(w.shape[0], -1) for w in weights], axis=1)
+    @staticmethod
+    def cache_length(cache: dict) -> int:
+        if isinstance(cache["v"], (list, tuple)):
+            raise ValueError("Llama: a per-layer cache (llama_jax.cpu.decode_layout.init_per_layer_cache) goes with "
+                             "per-layer parameters and PerLayerLlama; these parameters are stacked")
+        return cache["v"].shape[-2]  # v: [L, B, K, S, H]
 
 
 # The logical axes of the cache arrays (sharding.DEFAULT_RULES maps them onto a mesh); see attention.KVCache.
@@ -188,29 +124,17 @@ CACHE_AXES = {"k": ("layers", "cache_batch", "kv_heads", "head_dim", "cache_leng
               "v": ("layers", "cache_batch", "kv_heads", "cache_length", "head_dim")}
 
 
-def cache_axes(batch: int, per_layer: bool = False) -> dict:
-    """The logical axes of each array that `init_cache(config, batch, ..., per_layer)` makes."""
-    if not per_layer:
-        return dict(CACHE_AXES)
-    return {n: axes[2:] if batch == 1 else axes[1:] for n, axes in CACHE_AXES.items()}
-
-
-def init_cache(config: LlamaConfig, batch: int, max_len: int, dtype=None, per_layer: bool = False) -> dict:
-    """An empty KV cache: keys [L, B, K, H, S] and values [L, B, K, S, H] (see `attention.KVCache`), in the
-    compute dtype unless `dtype` is given.
-
-    `per_layer`: a tuple of L arrays for each instead, for per-layer parameters (`unstack_layers`). Each layer
-    then updates and reads its own buffer in place; slicing layer i out of one stacked array copies it, and at
-    batch 8 such copies cost a CPU decode step about 10%. At batch 1 these buffers drop the batch axis: XLA:CPU
-    otherwise fuses the in-place update once more into the product that reads it without that unit axis, which
-    costs a copy of every layer's cache at every step (13% of a batch-1 step)."""
+def cache_shapes(config: LlamaConfig, batch: int, max_len: int) -> dict:
+    """One layer's cache arrays: keys [B, K, H, S], values [B, K, S, H] (see `attention.KVCache`)."""
     kv, h = config.num_kv_heads, config.head_dim
-    shapes = {"k": (batch, kv, h, max_len), "v": (batch, kv, max_len, h)}
+    return {"k": (batch, kv, h, max_len), "v": (batch, kv, max_len, h)}
+
+
+def init_cache(config: LlamaConfig, batch: int, max_len: int, dtype=None) -> dict:
+    """An empty KV cache: keys [L, B, K, H, S] and values [L, B, K, S, H] (their logical axes: CACHE_AXES), in
+    the compute dtype unless `dtype` is given."""
     dt = jnp.dtype(dtype) if dtype is not None else dtype_of(config.dtype)
-    if per_layer:
-        shapes = {n: shape[1:] if batch == 1 else shape for n, shape in shapes.items()}
-        return {n: tuple(jnp.zeros(shape, dt) for _ in range(config.num_layers)) for n, shape in shapes.items()}
-    return {n: jnp.zeros((config.num_layers,) + shape, dt) for n, shape in shapes.items()}
+    return {n: jnp.zeros((config.num_layers,) + shape, dt) for n, shape in cache_shapes(config, batch, max_len).items()}
 
 
 def init_params(config: LlamaConfig, rng: jax.Array, seq_len: int = 8) -> dict:
@@ -221,14 +145,17 @@ def init_params(config: LlamaConfig, rng: jax.Array, seq_len: int = 8) -> dict:
 
 
 def param_shapes(config: LlamaConfig) -> dict:
-    """The parameter tree as jax.ShapeDtypeStruct leaves (nothing is allocated)."""
-    tokens = jax.ShapeDtypeStruct((1, 8), jnp.int32)
-    variables = jax.eval_shape(Llama(config).init, jax.random.PRNGKey(0), tokens)
-    return nn.meta.unbox(variables["params"])
+    """The parameter tree as jax.ShapeDtypeStruct leaves (from the spec: nothing is traced or allocated)."""
+    return spec.param_shapes(config)
 
 
 def logical_axes(config: LlamaConfig) -> dict:
-    """The parameter tree with a tuple of logical axis names at each leaf."""
+    """The parameter tree with a PartitionSpec of logical axis names at each leaf (from the spec)."""
+    return spec.logical_axes(config)
+
+
+def traced_param_tree(config: LlamaConfig) -> tuple:
+    """(shapes, logical axes) as Flax's own init builds them: what the spec-derived trees must equal (tests)."""
     tokens = jax.ShapeDtypeStruct((1, 8), jnp.int32)
     variables = jax.eval_shape(Llama(config).init, jax.random.PRNGKey(0), tokens)
-    return nn.get_partition_spec(variables)["params"]
+    return nn.meta.unbox(variables["params"]), nn.get_partition_spec(variables)["params"]

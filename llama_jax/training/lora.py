@@ -17,20 +17,19 @@ import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding
 
 from llama_jax.config import LlamaConfig
+from llama_jax.errors import ConfigError
+from llama_jax.model import spec
 
-# target -> (module, kernel name, number of input dims after the layer axis)
-TARGETS: Dict[str, Tuple[str, str, int]] = {
-    "q": ("attn", "q", 1), "k": ("attn", "k", 1), "v": ("attn", "v", 1), "o": ("attn", "o", 2),
-    "gate": ("mlp", "gate", 1), "up": ("mlp", "up", 1), "down": ("mlp", "down", 1),
-}
+# target -> (module, kernel name, number of input dims after the layer axis), from the spec's LoRA column
+TARGETS: Dict[str, Tuple[str, str, int]] = {t: (p.path[1], p.path[2], p.inputs) for t, p in spec.lora_targets().items()}
 
 
 def _check(targets: Sequence[str], rank: int):
     bad = sorted(set(targets) - set(TARGETS))
     if bad or not targets:
-        raise ValueError(f"LoRA targets {list(targets)}: expected a non-empty subset of {list(TARGETS)}")
+        raise ConfigError(f"LoRA targets {list(targets)}: expected a non-empty subset of {list(TARGETS)}")
     if rank <= 0:
-        raise ValueError(f"LoRA rank={rank}: expected a positive integer")
+        raise ConfigError(f"LoRA rank={rank}: expected a positive integer")
 
 
 def _split(shape, n_in):
