@@ -35,10 +35,11 @@ SHARD_BYTES = 1 << 30
 
 def synthetic_config(target_bytes: int):
     from llama_jax.config import LlamaConfig
+    from llama_jax.model.flops import num_params
 
     one = LlamaConfig(num_layers=1, **BASE)
-    per_layer = (LlamaConfig(num_layers=2, **BASE).num_params() - one.num_params()) * 2
-    fixed = one.num_params() * 2 - per_layer
+    per_layer = (num_params(LlamaConfig(num_layers=2, **BASE)) - num_params(one)) * 2
+    fixed = num_params(one) * 2 - per_layer
     return LlamaConfig(num_layers=max(1, round((target_bytes - fixed) / per_layer)), **BASE)
 
 
@@ -46,22 +47,17 @@ def write_synthetic_hf(config, directory: str, seed: int = 0) -> int:
     """A random HF checkpoint, one tensor in memory at a time. Returns the bytes of tensor data."""
     import numpy as np
 
-    from llama_jax.io import layout
+    from llama_jax.config import dtype_of
+    from llama_jax.io.convert import plan_shards
     from llama_jax.io.safetensors_io import SafetensorsWriter
-    from llama_jax.io.sources import dtype_of
+    from llama_jax.model import spec
 
     os.makedirs(directory)
     rng = np.random.default_rng(seed)
     bf16 = dtype_of("bfloat16")
-    specs = [(e.hf_name, bf16, layout.hf_shape(e, config)) for e in layout.hf_entries(config)]
-    shards, size = [[]], 0
-    for spec in specs:
-        nbytes = 2 * int(np.prod(spec[2]))
-        if shards[-1] and size + nbytes > SHARD_BYTES:
-            shards.append([])
-            size = 0
-        shards[-1].append(spec)
-        size += nbytes
+    specs = [(p.hf_name(i), bf16, p.hf_shape(config)) for p in spec.params(config)
+             for i in (range(config.num_layers) if p.stacked else (None,))]
+    shards = plan_shards(specs, SHARD_BYTES)
     weight_map, total = {}, 0
     for k, shard in enumerate(shards):
         filename = f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
@@ -96,7 +92,7 @@ def spot_check(config, src: str, dst: str) -> None:
     import numpy as np
 
     from llama_jax.io.checkpoint import ParamsReader
-    from llama_jax.io.sources import HFSource
+    from llama_jax.io.hf import HFSource
 
     name = f"model.layers.{config.num_layers - 1}.mlp.down_proj.weight"
     ours = ParamsReader(dst).read("layers.mlp.down", (config.num_layers - 1,))
@@ -114,6 +110,7 @@ def _child(*args) -> dict:
 def _step(argv) -> None:
     """Subprocess side: `_write GB|tiny DIR` writes a synthetic checkpoint; `_check GB SRC DST` spot-checks."""
     from llama_jax.config import LlamaConfig
+    from llama_jax.model.flops import num_params
 
     what, size = argv[0], argv[1]
     if size == "tiny":
@@ -122,7 +119,7 @@ def _step(argv) -> None:
         config = synthetic_config(int(float(size) * 1e9))
     if what == "_write":
         print(json.dumps({"bytes": write_synthetic_hf(config, argv[2]), "layers": config.num_layers,
-                          "params": config.num_params()}))
+                          "params": num_params(config)}))
     else:
         spot_check(config, argv[2], argv[3])
         print(json.dumps({"ok": True}))

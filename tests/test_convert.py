@@ -14,7 +14,7 @@ from hf_util import make_hf_model
 from llama_jax import LlamaConfig, load
 from llama_jax.io.convert import convert_to_llama_jax, main
 from llama_jax.io.safetensors_io import SafetensorsFile, SafetensorsWriter, write_arrays
-from llama_jax.io.sources import ConversionError
+from llama_jax.errors import ConversionError
 
 
 @pytest.fixture(scope="module")

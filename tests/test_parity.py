@@ -10,7 +10,7 @@ import pytest
 
 from hf_util import hf_logits, make_hf_model
 from llama_jax import Llama, LlamaConfig, load
-from llama_jax.io import layout
+from llama_jax.model.spec import hf_to_meta_rotary
 from llama_jax.io.convert import convert_to_llama_jax, export_to_hf
 from llama_jax.parallel.sharding import make_mesh, use_mesh
 
@@ -132,24 +132,34 @@ def test_bfloat16_conversion_and_load_dtype(tmp_path):
 
 def _write_meta_checkpoint(hf_model, config, directory, params_json, shards=2):
     """Meta's consolidated.NN.pth layout from a HF model: interleaved rotary rows in wq/wk, tensors split
-    across `shards` model-parallel files along layout.META_TENSORS' axes."""
+    across `shards` model-parallel files along the axes Meta's model-parallel layers cut them."""
     import torch
 
-    top_level = {"model.embed_tokens.weight": "tok_embeddings.weight", "model.norm.weight": "norm.weight",
-                 "lm_head.weight": "output.weight"}
-    layer_names = {hf_suffix: meta_suffix for meta_suffix, (hf_suffix, _) in layout.META_TENSORS.items()}
+    # Meta's names and model-parallel split axes, written out here (not read from llama_jax's spec) so that a
+    # wrong spec entry fails this test: (Meta name, axis of the [out, in] matrix Meta's shards cut; None: copied)
+    top_level = {"model.embed_tokens.weight": ("tok_embeddings.weight", 1), "model.norm.weight": ("norm.weight", None),
+                 "lm_head.weight": ("output.weight", 0)}
+    layer_names = {"self_attn.q_proj.weight": ("attention.wq.weight", 0),
+                   "self_attn.k_proj.weight": ("attention.wk.weight", 0),
+                   "self_attn.v_proj.weight": ("attention.wv.weight", 0),
+                   "self_attn.o_proj.weight": ("attention.wo.weight", 1),
+                   "mlp.gate_proj.weight": ("feed_forward.w1.weight", 0),
+                   "mlp.up_proj.weight": ("feed_forward.w3.weight", 0),
+                   "mlp.down_proj.weight": ("feed_forward.w2.weight", 1),
+                   "input_layernorm.weight": ("attention_norm.weight", None),
+                   "post_attention_layernorm.weight": ("ffn_norm.weight", None)}
     parts = [dict() for _ in range(shards)]
     for hf_name, w in hf_model.state_dict().items():
         if hf_name.startswith("model.layers."):
             _, _, i, rest = hf_name.split(".", 3)
-            meta_name = f"layers.{i}.{layer_names[rest]}"
+            meta_suffix, axis = layer_names[rest]
+            meta_name = f"layers.{i}.{meta_suffix}"
         else:
-            meta_name = top_level[hf_name]
+            meta_name, axis = top_level[hf_name]
         if meta_name.endswith("attention.wq.weight"):
-            w = torch.from_numpy(layout.hf_to_meta_rotary(w.numpy(), config.num_heads).copy())
+            w = torch.from_numpy(hf_to_meta_rotary(w.numpy(), config.num_heads).copy())
         elif meta_name.endswith("attention.wk.weight"):
-            w = torch.from_numpy(layout.hf_to_meta_rotary(w.numpy(), config.num_kv_heads).copy())
-        _, axis = layout.meta_name_to_hf(meta_name)
+            w = torch.from_numpy(hf_to_meta_rotary(w.numpy(), config.num_kv_heads).copy())
         pieces = [w] * shards if axis is None else torch.chunk(w, shards, dim=axis)
         for part, piece in zip(parts, pieces):
             part[meta_name] = piece.detach().clone()

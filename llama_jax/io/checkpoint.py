@@ -17,12 +17,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Optional, Sequence, Tuple
 
 import numpy as np
 
-from llama_jax.config import ConfigError, LlamaConfig
-from llama_jax.model.transformer import PARAM_LAYOUT
+from llama_jax.config import ConfigError, LlamaConfig, dtype_of
+from llama_jax.model import spec
+from llama_jax.model.spec import PARAM_LAYOUT
 from llama_jax.errors import CheckpointError  # noqa: F401 (also re-exported)
 
 METADATA_FILE = "llama_jax.json"
@@ -82,16 +83,6 @@ def read_metadata(directory: str) -> Tuple[dict, LlamaConfig]:
 
 
 # ---------------------------------------------------------------------------------------------- writing
-def _nest(flat: Dict[Tuple[str, ...], object]) -> dict:
-    tree: dict = {}
-    for path, value in flat.items():
-        node = tree
-        for key in path[:-1]:
-            node = node.setdefault(key, {})
-        node[path[-1]] = value
-    return tree
-
-
 class ParamsWriter:
     """Writes a parameter tree into `directory/params` block by block (see the module docstring).
 
@@ -113,7 +104,7 @@ class ParamsWriter:
             placeholders[path] = np.zeros(small, dtype)
         # Non-OCDBT: each leaf is its own zarr array, which tensorstore can resize and fill in place.
         with ocp.Checkpointer(ocp.StandardCheckpointHandler(use_ocdbt=False)) as ckptr:
-            ckptr.save(self.params_dir, _nest(placeholders))
+            ckptr.save(self.params_dir, spec.nest(placeholders.items()))
         self._arrays = {}
         for path, shape, _, _ in leaves:
             arr = ts.open(leaf_spec(self.params_dir, ".".join(path)), open=True).result()
@@ -147,11 +138,9 @@ def leaf_spec(params_dir: str, name: str) -> dict:
 
 
 def _check_tree(params_dir: str, config: LlamaConfig) -> None:
-    from llama_jax.io.sources import leaves
-
     stored = {tuple(k["key"] for k in v["key_metadata"])
               for v in _orbax_tree_metadata(params_dir).get("tree_metadata", {}).values()}
-    expected = {leaf.path for leaf in leaves(config)}
+    expected = {p.path for p in spec.params(config)}
     if stored != expected:
         missing, extra = sorted(expected - stored), sorted(stored - expected)
         raise CheckpointError(f"{params_dir}: parameter tree does not match the config: missing "
@@ -165,15 +154,12 @@ def restore_params(directory: str, dtype: Optional[str] = None, shardings=None) 
     import jax
     import orbax.checkpoint as ocp
 
-    from llama_jax.model.transformer import param_shapes
-    from llama_jax.io.sources import dtype_of
-
     meta, config = read_metadata(directory)
     dtype = dtype or meta.get("dtype") or config.param_dtype
     config = config.replace(param_dtype=dtype)
     params_dir = os.path.join(directory, PARAMS_DIR)
     _check_tree(params_dir, config)
-    shapes = param_shapes(config)
+    shapes = spec.param_shapes(config)
     if shardings is None:
         device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
         shardings = jax.tree.map(lambda _: device, shapes)
@@ -182,6 +168,17 @@ def restore_params(directory: str, dtype: Optional[str] = None, shardings=None) 
     with ocp.StandardCheckpointer() as ckptr:
         params = ckptr.restore(os.path.abspath(params_dir), target)
     return config, params
+
+
+def load(directory: str, dtype: Optional[str] = None, mesh=None, rules=None) -> Tuple[LlamaConfig, dict]:
+    """`restore_params` with the shardings of `mesh` under `rules` (llama_jax.load's entry for this format)."""
+    shardings = None
+    if mesh is not None:
+        from llama_jax.parallel.sharding import DEFAULT_RULES, param_shardings
+
+        _, config = read_metadata(directory)
+        shardings = param_shardings(config, mesh, rules or DEFAULT_RULES)
+    return restore_params(directory, dtype, shardings)
 
 
 class ParamsReader:

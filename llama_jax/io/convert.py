@@ -23,12 +23,13 @@ from typing import List, Optional, Tuple
 
 import numpy as np
 
-from llama_jax.io import layout
-from llama_jax.io.checkpoint import CheckpointError, ParamsReader, ParamsWriter, write_metadata
-from llama_jax.errors import LlamaJaxError
-from llama_jax.io.safetensors_io import SafetensorsError, SafetensorsWriter
-from llama_jax.io.sources import (ConversionError, dtype_of, leaf_by_name, leaves, open_source, read_block,
-                               tokenizer_files_in)
+from llama_jax.config import dtype_of
+from llama_jax.errors import ConversionError, LlamaJaxError
+from llama_jax.io.blocks import hf_blocks, leaves, read_block
+from llama_jax.io.checkpoint import ParamsReader, ParamsWriter, write_metadata
+from llama_jax.io.formats import open_source
+from llama_jax.io.safetensors_io import SafetensorsWriter
+from llama_jax.io.source import tokenizer_files_in
 
 DTYPE_CHOICES = ("bfloat16", "float16", "float32")
 INPUT_ERRORS = (LlamaJaxError, OSError)  # OSError: a disk or permission problem, named by the OS
@@ -130,7 +131,7 @@ def parse_size(text) -> int:
     return max(1, int(float(m.group(1)) * scale))
 
 
-def _plan_shards(specs: List[Tuple[str, np.dtype, Tuple[int, ...]]], max_bytes: int):
+def plan_shards(specs: List[Tuple[str, np.dtype, Tuple[int, ...]]], max_bytes: int):
     shards: List[list] = [[]]
     size = 0
     for spec in specs:
@@ -154,19 +155,19 @@ def export_to_hf(src: str, dst: str, dtype: Optional[str] = None, max_shard_size
     dtype = dtype or reader.meta.get("dtype") or reader.config.param_dtype
     np_dtype = dtype_of(dtype)
     config = reader.config.replace(param_dtype=dtype)
-    by_name = leaf_by_name(leaves(config, np_dtype.itemsize))
-    leaf_of = {e.hf_name: leaf for leaf in by_name.values() for e in leaf.entries}
-    entries = list(layout.hf_entries(config))
-    specs = [(e.hf_name, np_dtype, layout.hf_shape(e, config)) for e in entries]
-    shards = _plan_shards(specs, parse_size(max_shard_size))
-    entry_of = {e.hf_name: e for e in entries}
-    with staged_output(dst, force, src) as tmp, _progress(len(entries), "exporting", progress) as bar:
+    # (HF name, leaf, layer) in file order: the spec's order, each stacked leaf layer by layer
+    tensors = [(leaf.param.hf_name(layer), leaf, layer) for leaf in leaves(config, np_dtype.itemsize)
+               for layer in (range(config.num_layers) if leaf.stacked else (None,))]
+    leaf_of = {name: (leaf, layer) for name, leaf, layer in tensors}
+    specs = [(name, np_dtype, leaf.param.hf_shape(config)) for name, leaf, _ in tensors]
+    shards = plan_shards(specs, parse_size(max_shard_size))
+    with staged_output(dst, force, src) as tmp, _progress(len(tensors), "exporting", progress) as bar:
         weight_map, total = {}, 0
         for k, shard in enumerate(shards):
             filename = f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
             with SafetensorsWriter(os.path.join(tmp, filename), shard, {"format": "pt"}) as w:
                 for name, _, shape in shard:
-                    for block in _hf_blocks(reader, leaf_of[name], entry_of[name], config):
+                    for block in hf_blocks(reader.read, *leaf_of[name], config):
                         w.write(name, block.astype(np_dtype))
                     weight_map[name] = filename
                     total += np_dtype.itemsize * int(np.prod(shape))
@@ -177,20 +178,6 @@ def export_to_hf(src: str, dst: str, dtype: Optional[str] = None, max_shard_size
             json.dump(config.to_hf_dict(), f, indent=2)
         _copy_tokenizer(src, tmp)
     return dst
-
-
-def _hf_blocks(reader: ParamsReader, leaf, entry: layout.Entry, config):
-    """The HF tensor of `entry` as row blocks, read from the checkpoint one layer / row block at a time."""
-    if entry.layer is not None:
-        yield layout.ours_to_hf(entry, reader.read(leaf.name, (entry.layer,)), config)
-    elif entry.kind == "embed":
-        for index in leaf.blocks():
-            yield reader.read(leaf.name, index)
-    elif entry.kind == "lm_head":  # ours [D, V]: a block of our columns is a block of HF rows
-        for index in leaf.blocks():
-            yield reader.read(leaf.name, index).T
-    else:
-        yield layout.ours_to_hf(entry, reader.read(leaf.name), config)
 
 
 # ---------------------------------------------------------------------------------------------- CLI

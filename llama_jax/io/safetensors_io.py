@@ -1,9 +1,13 @@
-"""A lazy safetensors reader and a streaming writer, in numpy (bfloat16 via ml_dtypes), no torch.
+"""A lazy safetensors reader over the `safetensors` library, and our own streaming writer; numpy
+(bfloat16 via ml_dtypes), no torch.
 
 The format is an 8-byte little-endian header length, a JSON header {name: {dtype, shape, data_offsets}},
-then the raw tensor bytes. Reading uses positioned reads (not mmap) so only the tensor being converted is
-resident; writing declares every tensor up front and then streams each one's bytes, in row blocks if need be,
-so neither side ever holds more than one tensor.
+then the raw tensor bytes. Reading goes through `safetensors.safe_open(framework="numpy").get_slice`, which
+copies out only the rows asked for and checks the header on every open (offsets from 0, no gap, no overlap,
+the data covering the file exactly); our own reading of the header comes first only so that each error names
+the file, tensor and sizes. Writing stays ours: the library writes a dict of whole in-memory arrays, while
+conversion declares every tensor up front and then streams each one's bytes, in row blocks if need be, so
+neither side ever holds more than one tensor.
 """
 
 from __future__ import annotations
@@ -13,8 +17,9 @@ import os
 import struct
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
-import ml_dtypes
+import ml_dtypes  # also registers the name "bfloat16" with numpy, which the library's BF16 reads rely on
 import numpy as np
+import safetensors
 from llama_jax.errors import SafetensorsError  # noqa: F401 (also re-exported)
 
 DTYPES = {"F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
@@ -22,6 +27,13 @@ DTYPES = {"F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "F16": np.dt
           "I16": np.dtype(np.int16), "I8": np.dtype(np.int8), "U8": np.dtype(np.uint8), "BOOL": np.dtype(bool)}
 _DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 _MAX_HEADER = 100 * 1024 * 1024
+# Rows are copied out of the library's memory map at most this many bytes at a time, each chunk through a
+# handle of its own. A mapped page counts toward the process's resident size until its map is closed, so one
+# handle over a whole tensor would briefly cost the tensor twice (map + copy), and a handle kept open for the
+# file would grow with everything converted. (The library's other backend, "pread", reads the whole tensor
+# before slicing it, so a 1-row read would not stay small.) 8 MiB chunks read as fast as plain positioned
+# reads here; an open costs well under a millisecond.
+_READ_CHUNK = 8 << 20
 
 
 class SafetensorsFile:
@@ -59,6 +71,8 @@ class SafetensorsFile:
         if self._data_start + end_max > size:
             raise SafetensorsError(f"{path}: file is truncated: its header needs {self._data_start + end_max} "
                                    f"bytes, the file has {size}")
+        with self._open():  # the library's own checks of the header, for what the ones above do not cover
+            pass
 
     def shape(self, name: str) -> Tuple[int, ...]:
         return self.tensors[name][1]
@@ -71,22 +85,40 @@ class SafetensorsFile:
         return self.read_rows(name, 0, self.shape(name)[0] if self.shape(name) else 1)
 
     def read_rows(self, name: str, start: int, stop: int) -> np.ndarray:
-        """Rows [start, stop) along axis 0 (contiguous on disk, so only those bytes are read)."""
-        dtype, shape, begin, _ = self.tensors[name]
+        """Rows [start, stop) along axis 0 -> [stop - start, *shape[1:]] (a scalar tensor: the scalar). Rows
+        are contiguous on disk: only their bytes are read, at most _READ_CHUNK of them mapped at a time."""
+        dtype, shape, _, _ = self.tensors[name]
         if not shape:
-            return self._pread(begin, dtype.itemsize).view(dtype).reshape(())
-        row = dtype.itemsize * int(np.prod(shape[1:], dtype=np.int64))
-        buf = self._pread(begin + start * row, (stop - start) * row)
-        return buf.view(dtype).reshape((stop - start,) + shape[1:])
-
-    def _pread(self, offset: int, nbytes: int) -> np.ndarray:
-        out = np.empty(nbytes, np.uint8)
-        with open(self.path, "rb") as f:
-            f.seek(self._data_start + offset)
-            got = f.readinto(memoryview(out))
-        if got != nbytes:
-            raise SafetensorsError(f"{self.path}: file is truncated (short read of {got} of {nbytes} bytes)")
+            return self._read(name, None)
+        if not 0 <= start <= stop <= shape[0]:
+            raise SafetensorsError(f"{self.path}: rows [{start}, {stop}) of tensor {name!r} asked for; it has "
+                                   f"{shape[0]} rows (shape {shape})")
+        if start == stop or 0 in shape:  # nothing to read (and the library refuses empty slices)
+            return np.empty((stop - start,) + shape[1:], dtype)
+        step = max(1, _READ_CHUNK // (dtype.itemsize * int(np.prod(shape[1:], dtype=np.int64))))
+        if stop - start <= step:
+            return self._read(name, slice(start, stop))
+        out = np.empty((stop - start,) + shape[1:], dtype)
+        for s in range(start, stop, step):
+            e = min(s + step, stop)
+            out[s - start:e - start] = self._read(name, slice(s, e))
         return out
+
+    def _read(self, name: str, rows: Optional[slice]) -> np.ndarray:
+        """Tensor `name` (rows=None) or its `rows`, through one short-lived library handle: its map closes on
+        return. BF16 arrives as ml_dtypes.bfloat16: the library asks numpy for dtype("bfloat16")."""
+        with self._open() as f:
+            try:
+                return f.get_tensor(name) if rows is None else f.get_slice(name)[rows]
+            except safetensors.SafetensorError as e:
+                raise SafetensorsError(f"{self.path}: cannot read tensor {name!r} ({e})") from None
+
+    def _open(self):
+        """A `safe_open` handle; the library's refusal (its header checks) becomes a SafetensorsError."""
+        try:
+            return safetensors.safe_open(self.path, framework="numpy")
+        except (safetensors.SafetensorError, OSError) as e:
+            raise SafetensorsError(f"{self.path}: not a valid safetensors file ({e})") from None
 
 
 class SafetensorsWriter:

@@ -1,0 +1,85 @@
+"""The one registry of checkpoint formats, used by both `llama_jax.load` and the converter.
+
+A format is a directory kind we recognise (`detect`) and either open as a `Source` of tensors (Hugging Face,
+Meta: read tensor by tensor, so the converter streams them and the loader places them straight into their
+shardings) or load with a loader of its own (a llama_jax checkpoint: Orbax restores it). `find(path)` is the only
+place that decides what a path is. A new format is one `register(Format(...))` call with its Source class; see
+docs/DESIGN.md.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Callable, List, Optional, Tuple
+
+from llama_jax.config import LlamaConfig
+from llama_jax.errors import ConfigError, ConversionError
+from llama_jax.io import checkpoint
+from llama_jax.io.hf import HFSource, is_hf_dir
+from llama_jax.io.meta import MetaSource, is_meta_dir
+from llama_jax.io.source import Source, check_source
+
+LoadFn = Callable[..., Tuple[LlamaConfig, dict]]  # (path, dtype, mesh, rules) -> (config, params)
+
+
+@dataclasses.dataclass(frozen=True)
+class Format:
+    name: str                                         # short name, e.g. "huggingface"
+    description: str                                  # what the directory holds, for messages
+    detect: Callable[[str], bool]
+    source: Optional[Callable[[str], Source]] = None  # open as a tensor Source (convert and load)
+    load: Optional[LoadFn] = None                     # or load with its own loader (load only)
+
+
+FORMATS: List[Format] = []
+
+
+def register(fmt: Format, first: bool = False) -> None:
+    """Teach `llama_jax.load` (and, for a format with a `source`, the converter) a new kind of directory;
+    `first` puts it ahead of the built-in kinds."""
+    FORMATS.insert(0, fmt) if first else FORMATS.append(fmt)
+
+
+def find(path: str) -> Format:
+    """The first registered format whose `detect(path)` holds; ConversionError naming the known kinds if none."""
+    if not os.path.isdir(path):
+        raise ConversionError(f"{path}: no such directory")
+    for fmt in FORMATS:
+        if fmt.detect(path):
+            return fmt
+    raise ConversionError(f"{path}: not a checkpoint llama_jax knows; expected one of: "
+                          + "; ".join(f.description for f in FORMATS))
+
+
+def open_source(path) -> Source:
+    """The tensor Source of a convertible directory, checked against the spec (every name and shape)."""
+    path = os.fspath(path)
+    fmt = find(path)
+    if fmt.source is None:
+        readable = "; ".join(f.description for f in FORMATS if f.source is not None)
+        raise ConversionError(f"{path}: is {fmt.description}, which is not converted from; expected {readable}")
+    try:
+        source = fmt.source(path)
+    except ConfigError as e:
+        raise ConversionError(str(e)) from None
+    check_source(source)
+    return source
+
+
+def _training_workdir_export(path: str) -> str:
+    return os.path.join(path, "export")
+
+
+def _load_training_workdir(path, dtype, mesh, rules):
+    return checkpoint.load(_training_workdir_export(path), dtype, mesh, rules)
+
+
+register(Format("llama_jax", "a llama_jax checkpoint (llama_jax.json + params/)", checkpoint.is_checkpoint,
+                load=checkpoint.load))
+register(Format("huggingface", "a Hugging Face directory (config.json + model.safetensors or an index)", is_hf_dir,
+                source=HFSource))
+register(Format("meta", "a Meta directory (params.json + consolidated.NN.pth)", is_meta_dir, source=MetaSource))
+# A training workdir (train.py's WORKDIR): its final params are the llama_jax checkpoint in WORKDIR/export.
+register(Format("workdir", "a training workdir (WORKDIR/export written by train.py)",
+                lambda path: checkpoint.is_checkpoint(_training_workdir_export(path)), load=_load_training_workdir))

@@ -1,0 +1,91 @@
+"""A checkpoint we read weights from, behind one lazy interface, and the check that it holds exactly what the
+parameter spec says.
+
+A Source names its tensors in Hugging Face's spelling (the spec's `hf` column: the one spelling every format is
+translated into; Meta's names are renamed, merged across model-parallel shards and un-interleaved on read) and
+reads one tensor, or a range of its rows, on demand. Nothing here holds more than one tensor.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Dict, List, Tuple
+
+import numpy as np
+
+from llama_jax.config import LlamaConfig
+from llama_jax.errors import ConversionError, LayoutError
+from llama_jax.model import spec
+
+# Files copied with the weights: the tokenizer and chat template, and the generation defaults.
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "added_tokens.json", "chat_template.jinja", "chat_template.json", "generation_config.json")
+
+
+class Source:
+    """Tensors of one checkpoint, by Hugging Face name. Subclasses set `kind`, `directory`, `config` and the
+    readers."""
+
+    kind = "?"
+    directory: str
+    config: LlamaConfig
+
+    def names(self) -> List[str]:
+        raise NotImplementedError
+
+    def shape(self, name: str) -> Tuple[int, ...]:
+        raise NotImplementedError
+
+    def dtype(self, name: str) -> np.dtype:
+        raise NotImplementedError
+
+    def where(self, name: str) -> str:
+        """The file (and, for Meta, the original name) a tensor comes from, for error messages."""
+        raise NotImplementedError
+
+    def read(self, name: str) -> np.ndarray:
+        raise NotImplementedError
+
+    def read_rows(self, name: str, start: int, stop: int) -> np.ndarray:
+        return self.read(name)[start:stop]
+
+    def dtype_name(self) -> str:
+        """The storage dtype of the weights (float64 -> float32)."""
+        counts: Dict[str, int] = {}
+        for n in self.names():
+            d = np.dtype(self.dtype(n)).name
+            counts[d] = counts.get(d, 0) + 1
+        best = max(counts, key=counts.get) if counts else "float32"
+        return best if best in ("float32", "bfloat16", "float16") else "float32"
+
+    def ignored(self, name: str) -> bool:
+        """A tensor that is not a parameter (old rotary buffers) or a tied head stored anyway."""
+        return spec.is_ignored_hf(name) or (name == spec.get("lm_head").hf and self.config.tie_word_embeddings)
+
+
+def check_source(source: Source) -> None:
+    """Every tensor the spec needs for the source's config is present with the right shape, and nothing
+    unknown is there."""
+    config = source.config
+    expected = {p.hf_name(i): (p, i) for p in spec.params(config)
+                for i in (range(config.num_layers) if p.stacked else (None,))}
+    names = set(source.names())
+    unknown = sorted(n for n in names - set(expected) if not source.ignored(n))
+    if unknown:
+        raise ConversionError(f"{source.where(unknown[0])}: unknown tensor name {unknown[0]!r} for a Llama "
+                              f"model{f' (and {len(unknown) - 1} more)' if len(unknown) > 1 else ''}")
+    missing = [n for n in expected if n not in names]
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise ConversionError(f"{source.directory}: missing tensor {missing[0]!r}{more}; the config "
+                              f"({config.num_layers} layers, tie_word_embeddings={config.tie_word_embeddings}) "
+                              "needs it")
+    for name, (p, layer) in expected.items():
+        try:
+            p.check_hf_shape(source.shape(name), config, source.where(name), layer)
+        except LayoutError as e:
+            raise ConversionError(str(e)) from None
+
+
+def tokenizer_files_in(directory: str) -> List[str]:
+    return [f for f in TOKENIZER_FILES if os.path.isfile(os.path.join(directory, f))]
