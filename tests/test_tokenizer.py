@@ -222,7 +222,7 @@ def test_checkpoint_files_add_template_and_stop_ids(bpe_dir, tmp_path):
 def test_continuation_keeps_its_leading_space(sp_dir):
     """A completion decoded alone loses SentencePiece's leading space ("▁fox" -> "fox"); decoded after the
     prompt's last token it reads "The quick" + " brown fox", for the returned text and the streamed text."""
-    from llama_jax.sampling.sampler import TextStream, decode_continuation
+    from llama_jax.sampling import TextStream, decode_continuation
 
     tok = load_tokenizer(sp_dir)
     prompt, new = tok.encode("The quick"), tok.encode("brown fox", bos=False)
@@ -234,3 +234,18 @@ def test_continuation_keeps_its_leading_space(sp_dir):
         stream(step, [token], [False])
     stream.close()
     assert "".join(pieces) == " brown fox"
+
+
+def test_chat_errors_are_llama_jax_errors(sp_dir):
+    """Bad messages are the prompt's fault (SamplingError); a template that cannot render is the checkpoint's
+    (TokenizerError); both print as one line from the command lines."""
+    from llama_jax.errors import SamplingError
+
+    tok = load_tokenizer(sp_dir)
+    with pytest.raises(SamplingError, match="messages is empty"):
+        tok.encode_chat([])
+    with pytest.raises(SamplingError, match="Llama 2 chat: message 0 has role 'assistant'"):
+        tok.encode_chat([{"role": "assistant", "content": "x"}])
+    tok.chat_template = "{% for m in messages %}{{ m.content }"
+    with pytest.raises(TokenizerError, match="chat template failed to render"):
+        tok.encode_chat([{"role": "user", "content": "x"}])

@@ -1,0 +1,103 @@
+"""Chat prompts: Llama 2 chat and Llama 3 instruct built as pieces, or the checkpoint's own Jinja template.
+
+A prompt is a list of pieces: text (encoded as plain text, never parsed for control tokens) and ints (control
+token ids). Built that way, a user who types "<|eot_id|>" cannot end a turn. A Jinja `chat_template` instead
+renders one string with the control tokens written out, which the tokenizer then encodes with them recognised
+(as transformers' apply_chat_template does); the template comes with downloaded files, so it runs in Jinja's
+immutable sandbox.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+from typing import TYPE_CHECKING, Dict, List, Sequence, Union
+
+from llama_jax.errors import SamplingError, TokenizerError
+
+if TYPE_CHECKING:  # only for annotations: base.py imports this module
+    from llama_jax.text.base import Tokenizer
+
+Message = Dict[str, str]  # {"role": "system" | "user" | "assistant" | "ipython" | "tool", "content": str}
+Piece = Union[str, int]  # chat prompts are built as text pieces and control-token ids
+
+ROLES = ("system", "user", "assistant", "ipython", "tool")
+
+
+def check_messages(messages: Sequence[Message]) -> None:
+    """Raise SamplingError unless `messages` is a non-empty list of {"role", "content"} dicts."""
+    if not messages:
+        raise SamplingError("chat: messages is empty; expected [{'role': 'user', 'content': '...'}, ...]")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or "role" not in m or "content" not in m:
+            raise SamplingError(f"chat: message {i} is {m!r}; expected a dict with 'role' and 'content'")
+        if m["role"] not in ROLES:
+            raise SamplingError(f"chat: message {i} has role {m['role']!r}; expected system, user or assistant")
+
+
+def chat_pieces(tok: "Tokenizer", chat_format: str, messages: Sequence[Message],
+                add_generation_prompt: bool) -> List[Piece]:
+    """The built-in format's pieces ("llama3" or "llama2") for `messages`."""
+    build = llama3_pieces if chat_format == "llama3" else llama2_pieces
+    return build(tok, messages, add_generation_prompt)
+
+
+def llama3_pieces(tok: "Tokenizer", messages: Sequence[Message], add_generation_prompt: bool) -> List[Piece]:
+    """Llama 3 instruct: <|begin_of_text|> then per message
+    <|start_header_id|>role<|end_header_id|>\\n\\ncontent<|eot_id|>, then an open assistant header."""
+    start, end, eot = (tok.token_id(t) for t in ("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"))
+    pieces: List[Piece] = [tok.bos_id] if tok.bos_id is not None else []
+    for m in messages:
+        pieces += [start, m["role"], end, "\n\n" + m["content"].strip(), eot]
+    if add_generation_prompt:
+        pieces += [start, "assistant", end, "\n\n"]
+    return pieces
+
+
+def llama2_pieces(tok: "Tokenizer", messages: Sequence[Message], add_generation_prompt: bool) -> List[Piece]:
+    """Llama 2 chat: each exchange is <s>[INST] user [/INST] answer </s>; a system prompt is folded into the
+    first user message between <<SYS>> markers. (The prompt always ends where the answer begins, so
+    `add_generation_prompt` changes nothing here.)"""
+    system = None
+    if messages[0]["role"] == "system":
+        system, messages = messages[0]["content"], messages[1:]
+    pieces: List[Piece] = []
+    for i, m in enumerate(messages):
+        expected = "user" if i % 2 == 0 else "assistant"
+        if m["role"] != expected:
+            raise SamplingError(f"Llama 2 chat: message {i} has role {m['role']!r}; roles must alternate "
+                                "user/assistant after an optional system message")
+        content = m["content"].strip()
+        if m["role"] == "user":
+            if i == 0 and system is not None:
+                content = f"<<SYS>>\n{system.strip()}\n<</SYS>>\n\n{content}"
+            pieces += ([tok.bos_id] if tok.bos_id is not None else []) + [f"[INST] {content} [/INST]"]
+        else:
+            pieces += [f" {content} "] + ([tok.eos_id] if tok.eos_id is not None else [])
+    return pieces
+
+
+def render_template(template: str, messages: Sequence[Message], add_generation_prompt: bool,
+                    tokens: Dict[str, str]) -> str:
+    """Render a Hugging Face-style Jinja chat template in a sandbox, with transformers' extras
+    (`raise_exception`, `strftime_now`, a `tojson` that keeps non-ASCII) and `tokens` (bos_token, ...)."""
+    import jinja2
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message):  # the template refusing the messages, e.g. roles out of order
+        raise SamplingError(f"chat template: {message}")
+
+    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+    def strftime_now(fmt):
+        return datetime.datetime.now().strftime(fmt)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+    env.filters["tojson"] = tojson
+    env.globals.update(raise_exception=raise_exception, strftime_now=strftime_now)
+    try:
+        return env.from_string(template).render(messages=list(messages), add_generation_prompt=add_generation_prompt,
+                                                **tokens)
+    except jinja2.TemplateError as e:  # a broken template file, not the user's messages
+        raise TokenizerError(f"chat template failed to render: {e}") from None
