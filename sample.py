@@ -9,6 +9,8 @@ import argparse
 import os
 import sys
 
+from llama_jax.errors import LlamaJaxError, SamplingError  # no jax: the huge-page re-exec below comes first
+
 DEFAULT_CHECKPOINT = os.path.join("runs", "default")
 
 
@@ -42,7 +44,7 @@ def read_prompts(args):
         with open(args.prompts_file, encoding="utf-8") as f:
             prompts = [line.rstrip("\n") for line in f if line.strip()]
         if not prompts:
-            raise ValueError(f"{args.prompts_file}: no prompts in it (one prompt per non-empty line)")
+            raise SamplingError(f"{args.prompts_file}: no prompts in it (one prompt per non-empty line)")
         return prompts
     if args.prompt is not None:
         return [args.prompt]
@@ -52,7 +54,7 @@ def read_prompts(args):
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.aot:
-        from llama_jax.aot import compile as aot
+        from llama_jax import aot
         return aot.sample_cli(args.checkpoint_config or args.checkpoint or DEFAULT_CHECKPOINT, args.aot,
                               batch=args.batch, context=args.context, int8=args.int8,
                               tensor=args.tensor if args.tensor > 1 else -1)
@@ -75,8 +77,8 @@ def main(argv=None) -> int:
             from llama_jax.parallel.sharding import make_mesh
 
             if args.tensor > len(jax.devices()):
-                raise ValueError(f"--tensor {args.tensor}: only {len(jax.devices())} devices")
-            mesh = make_mesh(1, 1, args.tensor, devices=jax.devices()[:args.tensor])
+                raise SamplingError(f"--tensor {args.tensor}: only {len(jax.devices())} devices")
+            mesh = make_mesh(fsdp=1, tensor=args.tensor, devices=jax.devices()[:args.tensor])
         sampler = Sampler.load(checkpoint, mesh=mesh, int8=args.int8, dtype=args.dtype)
         knobs = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                      top_p=args.top_p, seed=args.seed)
@@ -97,7 +99,7 @@ def main(argv=None) -> int:
         else:
             for p, completion in zip(prompts, sampler.generate(prompts, **knobs)):
                 print(f"### {p}{completion}\n")
-    except (ValueError, OSError) as e:  # our errors name the file / value; no traceback from inside jax
+    except (LlamaJaxError, OSError) as e:  # our errors name the file / value; no traceback from inside jax
         print(f"error: {e}", file=sys.stderr)
         return 1
     return 0

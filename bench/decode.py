@@ -1,4 +1,4 @@
-"""Decode throughput: our compiled sampler (`llama_jax.sampling.sampler.generate_ids`, greedy, prefill + while_loop
+"""Decode throughput: our compiled sampler (`llama_jax.sampling.generate_ids`, greedy, prefill + while_loop
 decode) against transformers' `generate` (greedy, KV cache, `min_new_tokens` = `max_new_tokens` so both make
 exactly the same number of tokens), at batch 1 and 8, float32 and bfloat16 weights, and against the memory
 roofline: the bytes a decode step must read (every weight once, plus the KV cache of the context so far)
@@ -12,8 +12,8 @@ and first token) / (new - 1) steps, each the fastest of `--repeats` runs. End-to
 included) is recorded too. One JSON line per (impl, dtype, batch), then a table.
 
 Ours runs twice: `llama_jax` is `generate_ids` on the parameters as loaded (layers stacked [L, ...], the layout
-on TPU) and `llama_jax+per_layer` on `model.unstack_layers(params, fuse=True)` (one buffer per layer, q/k/v and gate/up
-joined, and a per-layer KV cache), which is what `Sampler` uses by default on a CPU.
+on TPU) and `llama_jax+per_layer` on `cpu.decode_layout.unstack_layers(params, fuse=True)` (one buffer per layer,
+q/k/v and gate/up joined, and a per-layer KV cache), which is what `Sampler` uses by default on a CPU.
 """
 
 from __future__ import annotations
@@ -28,15 +28,16 @@ import jax.numpy as jnp
 import numpy as np
 
 from llama_jax import LlamaConfig, init_params
-from llama_jax.sampling.sampler import Greedy, generate_ids
+from llama_jax.sampling import Greedy, generate_ids
 
-from llama_jax.model.transformer import unstack_layers
+from llama_jax.cpu.decode_layout import unstack_layers
+from llama_jax.model.flops import num_params
 
 
 def step_bytes(cfg: LlamaConfig, batch: int, context: float, itemsize: int) -> float:
     """Bytes one decode step must read: every weight once (the output head once; an untied input embedding
     only for the B rows it looks up, which is negligible) and the K and V cache of `context` tokens."""
-    weights = cfg.num_params(include_embedding=False)
+    weights = num_params(cfg, include_embedding=False)
     if cfg.tie_word_embeddings:
         weights += cfg.vocab_size * cfg.hidden_size  # the tied embedding is read whole as the output head
     kv = 2 * cfg.num_layers * batch * context * cfg.num_kv_heads * cfg.head_dim

@@ -31,7 +31,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from llama_jax import LlamaConfig, init_params  # noqa: E402
-from llama_jax.model.flops import peak_flops, train_flops_per_token  # noqa: E402
+from llama_jax.model.flops import num_params, peak_flops, train_flops_per_token  # noqa: E402
 
 # HBM bandwidth, bytes/s, from the vendors' data sheets (SXM parts unless the name says PCIe).
 PEAK_BANDWIDTH = {"h200": 4.8e12, "h100 pcie": 2.0e12, "h100": 3.35e12, "a100-sxm4-80gb": 2.039e12,
@@ -62,9 +62,10 @@ def measured_copy_bandwidth(gib: float) -> float:
 
 def bench_train(cfg: LlamaConfig, batch: int, seq: int, steps: int, peak) -> dict:
     from llama_jax.parallel.sharding import make_mesh
-    from llama_jax.training.step import init_train_state, make_optimizer, make_train_step, state_shardings
+    from llama_jax.training.optim import make_optimizer
+    from llama_jax.training.step import init_train_state, make_train_step, state_shardings
 
-    mesh = make_mesh(1, 1, 1, devices=jax.devices()[:1])
+    mesh = make_mesh(devices=jax.devices()[:1])  # every axis 1
     optimizer = make_optimizer(1e-4)
     shardings = state_shardings(cfg, optimizer, mesh)
     params = jax.device_put(init_params(cfg, jax.random.PRNGKey(0)), shardings.params)
@@ -90,7 +91,7 @@ def bench_train(cfg: LlamaConfig, batch: int, seq: int, steps: int, peak) -> dic
 
 
 def bench_decode(cfg: LlamaConfig, params, batch: int, prompt: int, new: int, chip_bw, copy_bw) -> dict:
-    from llama_jax.sampling.sampler import Greedy, generate_ids
+    from llama_jax.sampling import Greedy, generate_ids
 
     prompts = np.random.default_rng(batch).integers(3, cfg.vocab_size, (batch, prompt)).tolist()
     run = lambda n: generate_ids(params, cfg, prompts, max_new_tokens=n, strategy=Greedy())  # noqa: E731
@@ -98,7 +99,7 @@ def bench_decode(cfg: LlamaConfig, params, batch: int, prompt: int, new: int, ch
     full = best_time(lambda: run(new), 3)
     step_s = (full - one) / (new - 1)
     itemsize = jnp.dtype(cfg.param_dtype).itemsize
-    weights = cfg.num_params(include_embedding=False) + (cfg.vocab_size * cfg.hidden_size
+    weights = num_params(cfg, include_embedding=False) + (cfg.vocab_size * cfg.hidden_size
                                                           if cfg.tie_word_embeddings else 0)
     kv = 2 * cfg.num_layers * batch * (prompt + new / 2) * cfg.num_kv_heads * cfg.head_dim
     step_bytes = (weights + kv) * itemsize
@@ -142,7 +143,7 @@ def main():
                 raise
             emit("gpu_train_oom", remat=remat, error=str(e).splitlines()[0][:200])
             continue
-        rows.append(emit("gpu_train", preset=args.preset, params_b=cfg.num_params() / 1e9, batch=args.batch,
+        rows.append(emit("gpu_train", preset=args.preset, params_b=num_params(cfg) / 1e9, batch=args.batch,
                          seq=args.seq, remat=remat, **r))
         break
 

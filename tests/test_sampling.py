@@ -13,10 +13,12 @@ import pytest
 
 from hf_util import make_hf_model
 from llama_jax import Llama, LlamaConfig, Sampler, init_params
-from llama_jax.io.layout import hf_entries, hf_to_ours
+from llama_jax.errors import SamplingError
+from llama_jax.model import spec
 from llama_jax.model.quantize import QArray, quantize_params, tree_bytes
-from llama_jax.sampling.sampler import (Greedy, Sample, Temperature, TopK, TopP, _generate, bucket, decode_continuation,
-                                generate_ids, make_strategy)
+from llama_jax.sampling import (Greedy, Sample, Temperature, TopK, TopP, bucket, decode_continuation, generate_ids,
+                                make_strategy, resolve_strategy)
+from llama_jax.sampling.program import _generate
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROMPTS = [[1, 5, 9, 200, 3, 17, 44], [1, 7], [1, 30, 31, 32, 33]]
@@ -50,22 +52,12 @@ def test_greedy_with_cache_equals_full_forward_argmax_and_ragged_batch(tiny):
 
 def hf_to_params(model, cfg):
     sd = {k: v.detach().numpy() for k, v in model.state_dict().items()}
-    layers = {}
-    params = {}
-    for e in hf_entries(cfg):
-        w = hf_to_ours(e, sd[e.hf_name], cfg)
-        if e.layer is None:
-            node = params
-            for k in e.path[:-1]:
-                node = node.setdefault(k, {})
-            node[e.path[-1]] = jnp.asarray(w)
-        else:
-            layers.setdefault(e.path, [None] * cfg.num_layers)[e.layer] = w
-    for path, ws in layers.items():
-        node = params
-        for k in path[:-1]:
-            node = node.setdefault(k, {})
-        node[path[-1]] = jnp.asarray(np.stack(ws))
+    flat = {}
+    for p in spec.params(cfg):
+        layers = range(cfg.num_layers) if p.stacked else [None]
+        ws = [p.from_hf(sd[p.hf_name(i)], cfg) for i in layers]
+        flat[p.path] = jnp.asarray(np.stack(ws) if p.stacked else ws[0])
+    params = spec.nest(flat.items())
     return params
 
 
@@ -103,8 +95,15 @@ def test_strategies(tiny):
     assert (np.asarray(TopK(2)(logits)) > -1e29).tolist() == [[True, True, False, False]]
     kept = np.asarray(TopP(0.7)(logits)) > -1e29
     assert kept.tolist() == [[True, True, False, False]]  # 0.5 < 0.7, 0.5+0.3 reaches it
-    with pytest.raises(ValueError, match="top_p=1.5"):
+    with pytest.raises(SamplingError, match="top_p=1.5"):
         make_strategy(1.0, top_p=1.5)
+    # knobs over a caller's defaults, or a strategy object as given; not both, and no unknown knob
+    assert resolve_strategy(None, {"top_k": 5}, {"temperature": 0.6}) == make_strategy(0.6, top_k=5)
+    assert resolve_strategy(s, {}) is s
+    with pytest.raises(SamplingError, match="give one or the other"):
+        resolve_strategy(s, {"temperature": 0})
+    with pytest.raises(SamplingError, match="unknown sampling knob.*min_q"):
+        resolve_strategy(None, {"min_q": 0.1})
 
 
 def test_per_sequence_stop_and_bucketing(tiny):
@@ -128,8 +127,8 @@ def test_per_sequence_stop_and_bucketing(tiny):
 def test_mesh_gives_single_device_tokens(tiny, mesh_shape):
     from jax.sharding import PartitionSpec as P
 
-    from llama_jax.model.transformer import unstack_layers
-    from llama_jax.sampling.sampler import kv_cache_sharding
+    from llama_jax.cpu.decode_layout import unstack_layers
+    from llama_jax.sampling import kv_cache_sharding
     from llama_jax.parallel.sharding import make_mesh, param_shardings
 
     cfg, params = tiny
@@ -177,7 +176,7 @@ def test_int8_halves_memory_and_bounds_logits(tiny):
 
 def test_bad_input_is_clear(tiny):
     cfg, params = tiny
-    with pytest.raises(ValueError, match="prompt 1 is empty"):
+    with pytest.raises(SamplingError, match="prompt 1 is empty"):
         generate_ids(params, cfg, [[1], []])
     with pytest.raises(ValueError, match=f"context of {cfg.max_position_embeddings}"):
         generate_ids(params, cfg, [[1] * cfg.max_position_embeddings])
@@ -215,6 +214,7 @@ def test_sampler_api(tiny_hf_dir):
     sampler = Sampler.load(tiny_hf_dir)
     texts = sampler.generate(["the quick fox", "a cat"], max_new_tokens=8, temperature=0)
     assert len(texts) == 2 and all(isinstance(t, str) for t in texts)
+    assert sampler.generate(["the quick fox", "a cat"], 8, strategy=Greedy()) == texts  # a strategy object
     ids = [sampler.encode("the quick fox"), sampler.encode("a cat")]
     out = sampler.generate_ids(ids, 8, temperature=0)
     # completions are decoded as they read after the prompt (a leading space is kept)
@@ -228,7 +228,7 @@ def test_sampler_api(tiny_hf_dir):
     int8 = Sampler.load(tiny_hf_dir, int8=True)
     assert isinstance(int8.params["layers_0"]["attn"]["qkv"], QArray)  # per-layer and fused on a CPU
     assert isinstance(int8.generate("the quick fox", max_new_tokens=4), str)
-    with pytest.raises(ValueError, match="empty"):
+    with pytest.raises(SamplingError, match="empty"):
         sampler.generate([""])
     small = sampler.config.replace(vocab_size=64)
     with pytest.raises(ValueError, match="has 128 tokens but the model's vocabulary has only 64"):
