@@ -12,8 +12,8 @@ import sys
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                      epilog="keys: workdir, steps, batch_size, seq_len, checkpoint_every, init_from, "
-                                            "seed, mesh.{data,fsdp,tensor}, optim.lr, lora.rank, model.preset, "
-                                            "data.path, ... (see llama_jax/run_config.py)")
+                                            "seed, mesh.AXIS (one size per mesh axis), optim.lr, lora.rank, "
+                                            "model.preset, data.path, ... (see llama_jax/training/run_config.py)")
     parser.add_argument("--config", default="", help="a recipe file, e.g. configs/llama3.1-8b.py")
     parser.add_argument("--no_progress", action="store_true", help="no progress bar (logs only)")
     parser.add_argument("--aot", default="", metavar="TOPOLOGY",
@@ -30,7 +30,7 @@ def main(argv=None):
     except run_config.RunConfigError as e:
         sys.exit(f"error: {e}")
     if args.aot:
-        from llama_jax.aot import compile as aot
+        from llama_jax import aot
         sys.exit(aot.train_cli(cfg, args.aot, args.config))
 
     distributed.initialize_from_args(args)
@@ -46,5 +46,5 @@ def main(argv=None):
 if __name__ == "__main__":
     from llama_jax.cpu.host_memory import reexec_with_huge_pages
 
-    reexec_with_huge_pages()  # huge pages for XLA:CPU's per-call buffers (see llama_jax/host_memory.py)
+    reexec_with_huge_pages()  # huge pages for XLA:CPU's per-call buffers (see llama_jax/cpu/host_memory.py)
     main()

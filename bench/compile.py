@@ -22,11 +22,12 @@ import jax.numpy as jnp
 
 from llama_jax import LlamaConfig, param_shapes
 from llama_jax.parallel.sharding import make_mesh
-from llama_jax.training.step import TrainState, make_optimizer, make_train_step, state_shardings
+from llama_jax.training.optim import make_optimizer
+from llama_jax.training.step import TrainState, make_train_step, state_shardings
 
 
 def compile_seconds(cfg: LlamaConfig, batch: int, seq: int) -> dict:
-    mesh = make_mesh(1, 1, 1, devices=jax.devices()[:1])
+    mesh = make_mesh(devices=jax.devices()[:1])  # every axis 1
     optimizer = make_optimizer(1e-4)
     shardings = state_shardings(cfg, optimizer, mesh)
     params = param_shapes(cfg)

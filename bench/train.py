@@ -1,7 +1,7 @@
 """Training-step throughput and MFU: our jitted train step (forward, backward, AdamW; `llama_jax.training.step`)
 against transformers' LlamaForCausalLM + torch.optim.AdamW, same config, batch and sequence, float32, in one
-process. MFU = analytic model FLOPs per second (`llama_jax.model.flops.train_flops_per_token`: 6 x matmul weights + causal
-attention) / the dense float32 matmul peak measured in the same run.
+process. MFU = analytic model FLOPs per second (`llama_jax.model.flops.train_flops_per_token`: 6 x matmul
+weights + causal attention) / the dense float32 matmul peak measured in the same run.
 
     python bench/train.py                       # bench-20m and bench-120m, batch 4, sequence 512
     python bench/train.py --presets tiny --seq 64 --steps 2     # a smoke run
@@ -23,14 +23,15 @@ import jax.numpy as jnp
 import numpy as np
 
 from llama_jax import LlamaConfig, init_params
-from llama_jax.model.flops import train_flops_per_token
+from llama_jax.model.flops import num_params, train_flops_per_token
 
 
 def bench_ours(cfg: LlamaConfig, tokens: np.ndarray, steps: int, lr: float) -> dict:
     from llama_jax.parallel.sharding import make_mesh
-    from llama_jax.training.step import init_train_state, make_optimizer, make_train_step, state_shardings
+    from llama_jax.training.optim import make_optimizer
+    from llama_jax.training.step import init_train_state, make_train_step, state_shardings
 
-    mesh = make_mesh(1, 1, 1, devices=jax.devices()[:1])
+    mesh = make_mesh(devices=jax.devices()[:1])  # every axis 1
     # No clipping, no decay mask subtleties: the same update rule as the torch side (plain AdamW).
     optimizer = make_optimizer(lr, clip_norm=None)
     shardings = state_shardings(cfg, optimizer, mesh)
@@ -110,7 +111,7 @@ def main():
             tps = tok_per_step / best
             mfu = tps * flops_tok / (peak["peak_gflops"] * 1e9)
             results[impl] = tps
-            rows.append(emit("train_step", impl=impl, preset=name, params_m=cfg.num_params() / 1e6,
+            rows.append(emit("train_step", impl=impl, preset=name, params_m=num_params(cfg) / 1e6,
                              batch=args.batch, seq=args.seq, step_s=best, step_s_median=med,
                              tokens_per_s=tps, model_gflops_per_s=tps * flops_tok / 1e9, mfu=mfu,
                              first_step_s=r["first_step_s"], loss0=r["loss0"], loss_last=r["loss_last"],

@@ -13,6 +13,7 @@ from test_data import corpus_dir
 from llama_jax import LlamaConfig, init_params
 from llama_jax.training import lora, run_config
 from llama_jax.training import loop as trainer
+from llama_jax.training.export import export_params
 from llama_jax.model.transformer import Llama
 
 TARGETS = ("q", "v", "o", "down")
@@ -24,7 +25,7 @@ def test_lora_trains_adapters_only_and_merge_exports(tmp_path):
     path = corpus_dir()
     config = LlamaConfig.from_preset("tiny", vocab_size=512)
     base = init_params(config, jax.random.PRNGKey(7))
-    base_dir = trainer.export_params(str(tmp_path / "base"), config, base, path)
+    base_dir = export_params(str(tmp_path / "base"), config, base, path)
 
     cfg = run_config.build("", [f"workdir={tmp_path}/lora", f"init_from={tmp_path}/base", f"data.path={path}",
                                 "batch_size=8", "seq_len=64", "steps=4", "optim.lr=1e-2", "optim.warmup_steps=1",

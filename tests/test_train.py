@@ -14,7 +14,9 @@ import pytest
 
 from test_data import CACHE_ROOT, corpus_dir
 
+from llama_jax.errors import TrainError
 from llama_jax.training import run_config
+from llama_jax.training import step as ts
 from llama_jax.training.metrics import read_jsonl
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -60,6 +62,38 @@ def test_overrides_are_typed_and_unknown_keys_name_the_closest():
     for name in ("small", "small-lora", "llama3.2-1b", "llama3.1-8b", "llama2-7b", "llama3.1-70b", "llama3.1-405b"):
         recipe = run_config.load_recipe(os.path.join(ROOT, "configs", f"{name}.py"))
         assert run_config.RunConfig.from_dict(recipe.to_dict()) == recipe
+
+
+def test_the_run_config_has_one_size_per_mesh_axis():
+    import dataclasses
+
+    from llama_jax.parallel.sharding import MESH_AXES
+
+    assert tuple(f.name for f in dataclasses.fields(run_config.MeshSection)) == MESH_AXES
+
+
+# ------------------------------------------------------------------------------------------- optimizer
+@pytest.mark.parametrize("peak, warmup, total, ratio", [(3e-3, 20, 200, 0.1), (1e-2, 1, 4, 0.1),
+                                                        (1e-3, 0, 50, 0.0), (1e-3, 10, 5, 0.1)])
+def test_schedule_is_optax_warmup_joined_with_cosine(peak, warmup, total, ratio):
+    """make_schedule draws the curve of optax.linear_schedule joined with optax.cosine_decay_schedule (written
+    out for its float32 rounding: see training/optim.py): the first update at peak/warmup, peak at the last
+    warmup step and at the first cosine step, end_lr_ratio * peak from total_steps on."""
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    from llama_jax.training.optim import make_schedule
+
+    w = max(warmup, 1)
+    ref = optax.join_schedules([optax.linear_schedule(peak / w, peak, w - 1),
+                                optax.cosine_decay_schedule(peak, max(total - warmup, 1), alpha=ratio)], [warmup])
+    steps = jnp.arange(max(total, warmup + 1) + 5)
+    ours = np.asarray(jax.vmap(make_schedule(peak, warmup, total, ratio))(steps))
+    np.testing.assert_allclose(ours, np.asarray(jax.vmap(ref)(steps)), rtol=1e-5, atol=peak * 1e-7)
+    np.testing.assert_allclose(ours[0], peak / w if warmup else peak, rtol=1e-6)
+    np.testing.assert_allclose(ours[warmup], peak, rtol=1e-6)
+    np.testing.assert_allclose(ours[max(total, warmup + 1):], peak * ratio, rtol=1e-6, atol=peak * 1e-7)
 
 
 # ------------------------------------------------------------------------------------------- default run
@@ -192,7 +226,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch
     from llama_jax.training import loop as trainer
     from llama_jax.training.checkpoints import RunCheckpointer
 
-    real = trainer.ts.make_train_step
+    real = ts.make_train_step
 
     def poisoned(*args, **kwargs):
         step = real(*args, **kwargs)
@@ -204,10 +238,10 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch
             return new_state, metrics
         return run
 
-    monkeypatch.setattr(trainer.ts, "make_train_step", poisoned)
+    monkeypatch.setattr(ts, "make_train_step", poisoned)
     cfg = run_config.build("", [f"workdir={tmp_path}", *TINY, f"data.path={corpus_dir()}", "steps=10",
                                 "checkpoint_every=2", "mesh.fsdp=8"])
-    with pytest.raises(trainer.TrainError, match=r"loss is nan .* at step 5.*last good checkpoint is step 4"):
+    with pytest.raises(TrainError, match=r"loss is nan .* at step 5.*last good checkpoint is step 4"):
         trainer.train(cfg, progress=False)
     assert RunCheckpointer(str(tmp_path)).all_steps() == [2, 4]
 
@@ -226,23 +260,23 @@ def test_bad_setups_are_reported_before_compilation(tmp_path, monkeypatch, overr
     def no_compile(*a, **k):
         raise AssertionError("compiled before the error was reported")
 
-    monkeypatch.setattr(trainer.ts, "make_train_step", no_compile)
-    monkeypatch.setattr(trainer.ts, "init_train_state", no_compile)
+    monkeypatch.setattr(ts, "make_train_step", no_compile)
+    monkeypatch.setattr(ts, "init_train_state", no_compile)
     cfg = run_config.build("", [f"workdir={tmp_path}", *TINY, f"data.path={corpus_dir()}", "steps=2", override])
-    with pytest.raises(trainer.TrainError, match=message):
+    with pytest.raises(TrainError, match=message):
         trainer.train(cfg, progress=False)
 
 
 def test_missing_data_file_is_named(tmp_path):
     import shutil
 
-    from llama_jax.training import loop as trainer
+    from llama_jax.training.setup import resolve
     data_copy = str(tmp_path / "tokens")
     shutil.copytree(corpus_dir(), data_copy)
     os.remove(os.path.join(data_copy, "val.bin"))
     cfg = run_config.build("", [f"workdir={tmp_path}/w", *TINY, f"data.path={data_copy}", "eval_every=5"])
-    with pytest.raises(trainer.TrainError, match="val.bin: missing data file"):
-        trainer.resolve(cfg)
+    with pytest.raises(TrainError, match="val.bin: missing data file"):
+        resolve(cfg)
 
 
 # ------------------------------------------------------------------------------------------- MFU

@@ -15,7 +15,8 @@ import os
 from typing import Any, Optional, Tuple
 
 import jax
-from llama_jax.errors import CheckpointError  # noqa: F401 (also re-exported)
+
+from llama_jax.errors import CheckpointError
 
 _ITEMS = ("state", "data", "config")
 

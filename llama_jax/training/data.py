@@ -28,7 +28,8 @@ import sys
 from typing import Any, Dict, Iterable, Iterator, Mapping, Optional
 
 import numpy as np
-from llama_jax.errors import DataError  # noqa: F401 (also re-exported)
+
+from llama_jax.errors import DataError, LlamaJaxError, TokenizerError
 
 FORMAT = "llama_jax-tokens-v1"
 
@@ -39,7 +40,7 @@ def load_text_tokenizer(path: str):
     when the package has it; a plain SentencePiece file otherwise)."""
     if not os.path.exists(path):
         raise DataError(f"{path}: tokenizer not found (expected a tokenizer.model file or a checkpoint directory)")
-    from llama_jax.text.tokenizer import TokenizerError, load_tokenizer
+    from llama_jax.text.tokenizer import load_tokenizer
     try:
         return load_tokenizer(path)
     except TokenizerError as e:
@@ -319,7 +320,7 @@ def main(argv=None):
         tok = load_text_tokenizer(args.tokenizer)
         meta = write_token_files(args.out, _read_inputs(args.inputs, args.text_docs), tok, args.val_every,
                                  source=" ".join(args.inputs))
-    except DataError as e:
+    except LlamaJaxError as e:  # the user's inputs: one line, no traceback
         sys.exit(f"error: {e}")
     print(json.dumps(meta["splits"]))
 

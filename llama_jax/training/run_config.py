@@ -13,7 +13,8 @@ import importlib.util
 import os
 import typing
 from typing import Any, Dict, List, Sequence, Tuple
-from llama_jax.errors import RunConfigError  # noqa: F401 (also re-exported)
+
+from llama_jax.errors import RunConfigError
 
 
 @dataclasses.dataclass

@@ -1,4 +1,5 @@
-"""Loss, optimizer and the jitted, sharded, donated training step (and a sharded forward pass).
+"""Loss and the jitted, sharded, donated training step (and a sharded forward pass); the optimizer is in
+training/optim.py.
 
 Legend: B global batch, T sequence length, V vocab, k micro-batches (gradient accumulation).
 
@@ -22,20 +23,18 @@ with `params` by the `combine(params, frozen) -> model params` hook of `make_tra
 
 from __future__ import annotations
 
-import math
 from typing import Any, Callable, Mapping, Optional
 
-import flax.linen as nn
 import flax.struct
 import jax
 import jax.numpy as jnp
 import optax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh
 
 from llama_jax.config import LlamaConfig
 from llama_jax.model.transformer import Llama
-from llama_jax.parallel.sharding import (DEFAULT_RULES, batch_sharding, check_batch_size, param_shardings, replicated,
-                                use_mesh)
+from llama_jax.parallel.sharding import (DEFAULT_RULES, batch_sharding, check_batch_size, param_shardings,
+                                         replicated, use_mesh)
 
 Batch = Mapping[str, jax.Array]
 
@@ -48,56 +47,6 @@ class TrainState(flax.struct.PyTreeNode):
     params: Any
     opt_state: Any
     frozen: Any = None
-
-
-# ---------------------------------------------------------------------------------------------- optimizer
-def make_schedule(peak_lr: float, warmup_steps: int, total_steps: int, end_lr_ratio: float = 0.1) -> optax.Schedule:
-    """Learning rate of update number `step` (0-based): linear warmup peak_lr * (step + 1) / warmup_steps (so
-    the first update is not wasted at lr 0), then cosine decay to `end_lr_ratio * peak_lr` at `total_steps`,
-    constant after."""
-    if total_steps <= 0 or warmup_steps < 0 or peak_lr < 0:
-        raise ValueError(f"make_schedule: expected peak_lr >= 0, total_steps > 0 and warmup_steps >= 0, found "
-                         f"peak_lr={peak_lr}, total_steps={total_steps}, warmup_steps={warmup_steps}")
-    end_lr = peak_lr * end_lr_ratio
-
-    def schedule(step):
-        step = jnp.asarray(step, jnp.float32)
-        warm = peak_lr * (step + 1.0) / max(warmup_steps, 1)
-        progress = jnp.clip((step - warmup_steps) / max(total_steps - warmup_steps, 1), 0.0, 1.0)
-        cosine = end_lr + (peak_lr - end_lr) * 0.5 * (1.0 + jnp.cos(jnp.pi * progress))
-        return jnp.where(step < warmup_steps, warm, cosine)
-
-    return schedule
-
-
-def decay_mask(params, decay_embeddings: bool = False):
-    """Tree of bools: True where weight decay applies. Norm scales never decay (they are gains around 1);
-    the token embedding decays only when `decay_embeddings`. Works on any nested-dict tree (e.g. LoRA)."""
-
-    def one(path, _):
-        names = [str(getattr(k, "key", k)) for k in path]
-        if any(n.endswith("norm") for n in names):
-            return False
-        if "embed" in names and not decay_embeddings:
-            return False
-        return True
-
-    return jax.tree_util.tree_map_with_path(one, params)
-
-
-def make_optimizer(learning_rate, *, weight_decay: float = 0.1, b1: float = 0.9, b2: float = 0.95,
-                   eps: float = 1e-8, clip_norm: Optional[float] = 1.0, decay_embeddings: bool = False,
-                   mu_dtype=None) -> optax.GradientTransformation:
-    """AdamW (decoupled weight decay, masked by `decay_mask`) after global-norm clipping to `clip_norm`.
-
-    `learning_rate` is a float or a schedule (see `make_schedule`). `mu_dtype` sets the first-moment dtype
-    (default: the parameters' dtype, i.e. float32 with float32 master weights).
-    """
-    adamw = optax.adamw(learning_rate, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, mu_dtype=mu_dtype,
-                        mask=lambda p: decay_mask(p, decay_embeddings))
-    if clip_norm is None or clip_norm <= 0:
-        return adamw
-    return optax.chain(optax.clip_by_global_norm(clip_norm), adamw)
 
 
 # ---------------------------------------------------------------------------------------------- shardings
@@ -310,8 +259,8 @@ def make_eval_step(config: LlamaConfig, mesh: Mesh, rules=DEFAULT_RULES, *, para
 
 
 def make_forward(config: LlamaConfig, mesh: Mesh, rules=DEFAULT_RULES, *, params_shardings=None) -> MeshFunction:
-    """`forward(params, batch) -> logits` [B, T, V] float32, sharded (batch over data×fsdp, vocab over
-    tensor). `batch` has `inputs` (or `tokens`) [B, T] and optionally `positions`, `segment_ids`."""
+    """`forward(params, batch) -> logits` [B, T, V] float32, sharded as the rules place "batch" and
+    "act_vocab". `batch` has `inputs` (or `tokens`) [B, T] and optionally `positions`, `segment_ids`."""
     params_shardings = params_shardings or param_shardings(config, mesh, rules)
     data_sharding = batch_sharding(mesh, rules)
     logits_sharding = batch_sharding(mesh, rules, ("batch", "length", "act_vocab"), (None, None, config.vocab_size))
