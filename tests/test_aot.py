@@ -8,7 +8,7 @@ import pytest
 
 pytest.importorskip("libtpu", reason="needs the TPU compiler wheel (requirements-test.txt: libtpu)")
 
-from llama_jax.aot import compile as aot
+from llama_jax import aot
 from llama_jax.model import flops
 from llama_jax.aot import hlo
 from llama_jax.training import run_config  # noqa: E402
@@ -108,6 +108,7 @@ def test_bad_topology_and_mesh_are_clear_errors():
     with pytest.raises(aot.AotError, match=r"product must be 8"):
         aot.topology_mesh(topo, data=2, fsdp=2, tensor=1)
     assert dict(aot.topology_mesh(topo, 1, -1, 2).shape) == {"data": 1, "fsdp": 4, "tensor": 2}
+    assert dict(aot.topology_mesh(topo, tensor=8).shape) == {"data": 1, "fsdp": 1, "tensor": 8}
 
 
 def test_sampling_prefill_and_decode_compile_with_int8_and_cache():

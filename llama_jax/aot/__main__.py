@@ -2,6 +2,6 @@
 
 import sys
 
-from llama_jax.aot.compile import main
+from llama_jax.aot.cli import main
 
 sys.exit(main())

@@ -1,6 +1,6 @@
 """Reading a compiled XLA program's text: which collectives run per step, over which mesh axes, how many bytes.
 
-Used by `llama_jax.aot.compile` on programs compiled for TPU topologies. The parser knows just enough of the HLO text
+Used by `llama_jax.aot.analysis` on programs compiled for TPU topologies. The parser knows just enough of the HLO text
 format: computations, instructions (`%name = shape op(operands), attrs`), the call graph with while-loop
 trip counts (a scanned layer stack runs its body L times), and the three spellings of replica groups.
 
