@@ -20,7 +20,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # TensorFlow-style C++ log spam from XLA at start-up hides the table.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-# Huge pages for XLA:CPU's per-call buffers, as train.py and sample.py run (llama_jax/host_memory.py): the
+# Huge pages for XLA:CPU's per-call buffers, as train.py and sample.py run (llama_jax/cpu/host_memory.py): the
 # script starts again with GLIBC_TUNABLES set. torch's caching allocator reuses its memory either way.
 from llama_jax.cpu.host_memory import reexec_with_huge_pages  # noqa: E402
 
@@ -61,7 +61,7 @@ def versions() -> dict:
 
 def machine() -> dict:
     rec = {"cpu": cpu_model(), "cores": cores(), **versions(),
-           "glibc_tunables": os.environ.get("GLIBC_TUNABLES", "")}  # huge pages or not (llama_jax/host_memory.py)
+           "glibc_tunables": os.environ.get("GLIBC_TUNABLES", "")}  # huge pages or not (llama_jax/cpu/host_memory.py)
     try:
         import psutil
         rec["ram_gib"] = round(psutil.virtual_memory().total / 2**30, 1)

@@ -7,9 +7,10 @@ run before re-executing themselves with huge pages — does not import jax and f
 import importlib
 
 _EXPORTS = {
-    "ConfigError": "llama_jax.config", "LlamaConfig": "llama_jax.config", "RopeScaling": "llama_jax.config",
-    "Llama": "llama_jax.model.transformer", "init_cache": "llama_jax.model.transformer", "init_params": "llama_jax.model.transformer",
-    "param_shapes": "llama_jax.model.transformer", "Sampler": "llama_jax.sampling.sampler", "load_tokenizer": "llama_jax.text.tokenizer",
+    "LlamaConfig": "llama_jax.config", "RopeScaling": "llama_jax.config",
+    "LlamaJaxError": "llama_jax.errors", "ConfigError": "llama_jax.errors",
+    "Llama": "llama_jax.model", "init_cache": "llama_jax.model", "init_params": "llama_jax.model",
+    "param_shapes": "llama_jax.model", "Sampler": "llama_jax.sampling", "load_tokenizer": "llama_jax.text.tokenizer",
     "load": "llama_jax.io.loading",
 }
 

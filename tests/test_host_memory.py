@@ -1,5 +1,5 @@
 """The command lines re-execute themselves with glibc asking for transparent huge pages (see
-llama_jax/host_memory.py), and that really cuts the page faults of fresh large buffers."""
+llama_jax/cpu/host_memory.py), and that really cuts the page faults of fresh large buffers."""
 
 import os
 import subprocess
