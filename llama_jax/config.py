@@ -181,7 +181,7 @@ class LlamaConfig:
     @classmethod
     def from_hf(cls, path_or_dict: PathOrDict, **overrides) -> "LlamaConfig":
         """Read a Hugging Face `config.json` (a file, a directory holding one, or its dict)."""
-        d, where = _read_json(path_or_dict, "config.json")
+        d, where = read_json(path_or_dict, "config.json")
         arch = d.get("architectures") or []
         if d.get("model_type") not in (None, "llama") and "LlamaForCausalLM" not in arch:
             raise ConfigError(f"{where}: model_type={d.get('model_type')!r} is not a Llama model "
@@ -240,7 +240,7 @@ class LlamaConfig:
         """Read Meta's `params.json`. Llama 2's has vocab_size -1: pass `vocab_size` (the converter takes it
         from the embedding's shape). The MLP width follows Meta's rule from `multiple_of` and
         `ffn_dim_multiplier`; the context length, absent from params.json, follows the model family."""
-        d, where = _read_json(path_or_dict, "params.json")
+        d, where = read_json(path_or_dict, "params.json")
         missing = [k for k in ("dim", "n_layers", "n_heads") if k not in d]
         if missing:
             raise ConfigError(f"{where}: missing required key(s) {missing}")
@@ -309,7 +309,9 @@ def _construct(cls, kwargs: dict, overrides: dict, where: str) -> LlamaConfig:
         raise ConfigError(f"{where}: {e}") from None
 
 
-def _read_json(path_or_dict: PathOrDict, filename: str) -> Tuple[dict, str]:
+def read_json(path_or_dict: PathOrDict, filename: str) -> Tuple[dict, str]:
+    """(the JSON object, where it came from) of a file, a directory holding `filename`, or a dict; ConfigError
+    naming the path when it is missing or not JSON."""
     if isinstance(path_or_dict, Mapping):
         return dict(path_or_dict), filename
     path = os.fspath(path_or_dict)

@@ -23,7 +23,7 @@ from llama_jax.config import LlamaConfig, dtype_of
 from llama_jax.model.attention import attend_and_project, rotate, starts_at_zero, write_slots
 from llama_jax.model.layers import RMSNorm, dense, gated_down
 from llama_jax.model.spec import LAYERS
-from llama_jax.model.transformer import CACHE_AXES, Llama, cache_shapes, remat_block
+from llama_jax.model.transformer import CACHE_AXES, Llama, cache_shapes, init_cache, remat_block
 
 
 def unstack_layers(params: dict, fuse: bool = False) -> dict:
@@ -173,8 +173,6 @@ class PerLayerLlama(Llama):
 def decoding_model(config: LlamaConfig, params: dict):
     """(model, init_cache(config, batch, max_len, dtype=None)) for `params` in either layout: the core Llama with
     a stacked cache, or PerLayerLlama with a per-layer cache."""
-    from llama_jax.model.transformer import init_cache
-
     if is_per_layer(params):
         return PerLayerLlama(config), init_per_layer_cache
     return Llama(config), init_cache

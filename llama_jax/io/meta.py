@@ -6,13 +6,12 @@ memory-mapped, so a tensor is read when it is converted."""
 from __future__ import annotations
 
 import glob
-import json
 import os
 from typing import Dict, Tuple
 
 import numpy as np
 
-from llama_jax.config import LlamaConfig
+from llama_jax.config import LlamaConfig, read_json
 from llama_jax.errors import ConversionError
 from llama_jax.io.source import Source
 from llama_jax.model import spec
@@ -50,11 +49,7 @@ class MetaSource(Source):
         first = self._shards[0]
         if "tok_embeddings.weight" not in first:
             raise ConversionError(f"{paths[0]}: has no tensor 'tok_embeddings.weight'")
-        try:
-            with open(params_path) as fh:
-                params = json.load(fh)
-        except json.JSONDecodeError as e:
-            raise ConversionError(f"{params_path}: not valid JSON ({e})") from None
+        params, _ = read_json(params_path, "params.json")  # a ConfigError naming the file (open_source rewraps)
         # Llama 2's params.json says vocab_size -1: the embedding's rows are the vocabulary.
         vocab = None if int(params.get("vocab_size", -1) or -1) > 0 else int(first["tok_embeddings.weight"].shape[0])
         self.config = LlamaConfig.from_meta(params_path, vocab_size=vocab)

@@ -229,8 +229,11 @@ def _match(name, patterns):
     return None
 
 
+_HF_IGNORED_PATTERNS = [_pattern(t) for t in HF_IGNORED]
+
+
 def is_ignored_hf(name: str) -> bool:
-    return any(_pattern(t).match(name) for t in HF_IGNORED)
+    return any(pattern.match(name) for pattern in _HF_IGNORED_PATTERNS)
 
 
 def meta_to_hf_rotary(w: np.ndarray, heads: int) -> np.ndarray:
