@@ -25,7 +25,9 @@ ALLOWED = {
     "cpu": {"errors", "config", "presets", "model", "parallel"},
     "io": {"errors", "config", "presets", "model", "parallel"},
     "sampling": {"errors", "config", "presets", "model", "parallel", "cpu", "io", "text"},
-    "training": {"errors", "config", "presets", "model", "parallel", "cpu", "io", "text", "sampling"},
+    "guard": {"errors", "config", "presets", "model", "parallel", "cpu", "io", "text", "sampling"},
+    "eval": {"errors", "config", "presets", "model", "parallel", "cpu", "io", "text", "sampling"},
+    "training": {"errors", "config", "presets", "model", "parallel", "cpu", "io", "text", "sampling", "eval"},
     "aot": {"errors", "config", "presets", "model", "parallel", "cpu", "io", "text", "sampling", "training"},
 }
 
