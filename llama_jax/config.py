@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import operator
 import os
 from typing import Any, Mapping, Optional, Tuple, Union
 from llama_jax.errors import ConfigError  # noqa: F401 (also re-exported)
@@ -57,6 +58,8 @@ class RopeScaling:
     def from_hf_dict(cls, d: Optional[Mapping[str, Any]], where: str = "rope_scaling") -> Optional["RopeScaling"]:
         if d is None:
             return None
+        if not isinstance(d, Mapping):
+            raise ConfigError(f"{where}={d!r:.60}: expected an object")
         # transformers < 4.43 wrote "type"; newer ones write "rope_type" (and sometimes both).
         kind = d.get("rope_type", d.get("type"))
         if kind in (None, "default"):
@@ -66,14 +69,15 @@ class RopeScaling:
         if "factor" not in d:
             raise ConfigError(f"{where}: rope_type {kind!r} needs a 'factor'")
         if kind == "linear":
-            return cls(rope_type="linear", factor=float(d["factor"]))
+            return cls(rope_type="linear", factor=_number(d, "factor", where, float))
         missing = [k for k in ("low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
                    if k not in d]
         if missing:
             raise ConfigError(f"{where}: rope_type 'llama3' needs {', '.join(missing)}")
-        return cls(rope_type="llama3", factor=float(d["factor"]), low_freq_factor=float(d["low_freq_factor"]),
-                   high_freq_factor=float(d["high_freq_factor"]),
-                   original_max_position_embeddings=int(d["original_max_position_embeddings"]))
+        return cls(rope_type="llama3", factor=_number(d, "factor", where, float),
+                   low_freq_factor=_number(d, "low_freq_factor", where, float),
+                   high_freq_factor=_number(d, "high_freq_factor", where, float),
+                   original_max_position_embeddings=_number(d, "original_max_position_embeddings", where))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,10 +118,10 @@ class LlamaConfig:
         eos = self.eos_token_id
         if eos is None:
             set_("eos_token_id", ())
-        elif isinstance(eos, int):
-            set_("eos_token_id", (int(eos),))
+        elif isinstance(eos, int) or not hasattr(eos, "__iter__"):
+            set_("eos_token_id", (_as_int(eos),))
         else:
-            set_("eos_token_id", tuple(int(e) for e in eos))
+            set_("eos_token_id", tuple(_as_int(e) for e in eos))
         if isinstance(self.rope_scaling, Mapping):
             set_("rope_scaling", RopeScaling.from_hf_dict(self.rope_scaling))
         self._validate()
@@ -147,7 +151,7 @@ class LlamaConfig:
         if self.rope_scaling is not None and not isinstance(self.rope_scaling, RopeScaling):
             raise ConfigError(f"LlamaConfig.rope_scaling={self.rope_scaling!r}: expected a RopeScaling or None")
         for tok in ((self.bos_token_id,) if self.bos_token_id is not None else ()) + self.eos_token_id:
-            if not 0 <= tok < self.vocab_size:
+            if not isinstance(tok, int) or isinstance(tok, bool) or not 0 <= tok < self.vocab_size:
                 raise ConfigError(f"LlamaConfig: special token id {tok} is outside the vocabulary "
                                   f"[0, {self.vocab_size})")
 
@@ -193,25 +197,44 @@ class LlamaConfig:
         missing = [k for k in required if k not in d]
         if missing:
             raise ConfigError(f"{where}: missing required key(s) {missing}")
-        heads = int(d["num_attention_heads"])
+        # Each value's type is checked here, naming the key: int() would quietly truncate a float hidden_size
+        # and `or heads` turn num_key_value_heads=0 into "as many as the query heads".
+        num = lambda key, kind=int, default=None: _number(d, key, where, kind, default)  # noqa: E731
+        for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                    "num_key_value_heads", "head_dim", "max_position_embeddings", "max_sequence_length"):
+            if d.get(key) is not None and num(key) <= 0:
+                raise ConfigError(f"{where}: {key}={d[key]!r}: expected a positive integer")
+        heads = num("num_attention_heads")
         eos = d.get("eos_token_id", 2)
+        for key, value in (("bos_token_id", d.get("bos_token_id", 1)), ("eos_token_id", eos)):
+            values = value if isinstance(value, list) and key == "eos_token_id" else [value]
+            if not all(v is None or (isinstance(v, int) and not isinstance(v, bool)) for v in values):
+                raise ConfigError(f"{where}: {key}={value!r:.60}: expected a token id (an integer)"
+                                  f"{' or a list of them' if key == 'eos_token_id' else ''}")
+        for key in ("rope_scaling", "rope_parameters"):
+            if d.get(key) is not None and not isinstance(d[key], Mapping):
+                raise ConfigError(f"{where}: {key}={d[key]!r:.60}: expected an object")
         # transformers >= 5 writes theta and scaling together as "rope_parameters" instead of
         # rope_theta + rope_scaling.
         rope_params = dict(d.get("rope_parameters") or {})
+        theta = num("rope_theta", float) if d.get("rope_theta") is not None else \
+            _number(rope_params, "rope_theta", f"{where}: rope_parameters", float, 10000.0)
+        if not isinstance(d.get("tie_word_embeddings", False), bool):
+            raise ConfigError(f"{where}: tie_word_embeddings={d['tie_word_embeddings']!r:.60}: expected true or false")
         kwargs = dict(
-            vocab_size=int(d["vocab_size"]), hidden_size=int(d["hidden_size"]),
-            intermediate_size=int(d["intermediate_size"]), num_layers=int(d["num_hidden_layers"]),
-            num_heads=heads, num_kv_heads=int(d.get("num_key_value_heads") or heads),
-            head_dim=int(d["head_dim"]) if d.get("head_dim") else None,
-            rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
-            rope_theta=float(d.get("rope_theta", rope_params.get("rope_theta", 10000.0))),
+            vocab_size=num("vocab_size"), hidden_size=num("hidden_size"),
+            intermediate_size=num("intermediate_size"), num_layers=num("num_hidden_layers"),
+            num_heads=heads, num_kv_heads=num("num_key_value_heads", int, heads),
+            head_dim=num("head_dim"),
+            rms_norm_eps=num("rms_norm_eps", float, 1e-6),
+            rope_theta=theta,
             rope_scaling=RopeScaling.from_hf_dict(d.get("rope_scaling") or rope_params or None,
                                                   f"{where}: rope_scaling"),
             # Llama 1 conversions used max_sequence_length in old transformers versions.
-            max_position_embeddings=int(d.get("max_position_embeddings") or d.get("max_sequence_length") or 2048),
-            tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
+            max_position_embeddings=num("max_position_embeddings") or num("max_sequence_length") or 2048,
+            tie_word_embeddings=d.get("tie_word_embeddings", False),
             bos_token_id=d.get("bos_token_id", 1), eos_token_id=eos,
-            initializer_range=float(d.get("initializer_range", 0.02)),
+            initializer_range=num("initializer_range", float, 0.02),
         )
         return _construct(cls, kwargs, overrides, where)
 
@@ -244,8 +267,13 @@ class LlamaConfig:
         missing = [k for k in ("dim", "n_layers", "n_heads") if k not in d]
         if missing:
             raise ConfigError(f"{where}: missing required key(s) {missing}")
+        for key in ("dim", "n_layers", "n_heads", "n_kv_heads", "multiple_of"):
+            if d.get(key) is not None and _number(d, key, where) <= 0:
+                raise ConfigError(f"{where}: {key}={d[key]!r}: expected a positive integer")
+        for key in ("ffn_dim_multiplier", "norm_eps", "rope_theta", "rope_scaling_factor"):
+            _number(d, key, where, float)
         dim, heads = int(d["dim"]), int(d["n_heads"])
-        vocab = vocab_size if vocab_size is not None else d.get("vocab_size", -1)
+        vocab = vocab_size if vocab_size is not None else _number(d, "vocab_size", where, int, -1)
         if vocab is None or int(vocab) <= 0:
             raise ConfigError(f"{where}: vocab_size={vocab} — pass vocab_size= (read it from the tokenizer or "
                               "the tok_embeddings.weight shape)")
@@ -321,6 +349,29 @@ def read_json(path_or_dict: PathOrDict, filename: str) -> Tuple[dict, str]:
         raise ConfigError(f"{path}: file not found (expected a {filename})")
     try:
         with open(path) as f:
-            return json.load(f), path
-    except json.JSONDecodeError as e:
+            d = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ConfigError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(d, dict):
+        raise ConfigError(f"{path}: a JSON {type(d).__name__}, expected an object of {filename} keys")
+    return d, path
+
+
+def _as_int(value):
+    """numpy integers -> int; anything else unchanged (for _validate to refuse by name)."""
+    try:
+        return value if isinstance(value, bool) else operator.index(value)
+    except TypeError:
+        return value
+
+
+def _number(d: Mapping[str, Any], key: str, where: str, kind=int, default=None):
+    """d[key] as `kind` (int: an integer, never a bool or a float; float: any number), `default` when the key
+    is absent or null; ConfigError naming the file, key and value otherwise."""
+    value = d.get(key)
+    if value is None:
+        return default
+    ok = isinstance(value, int) if kind is int else isinstance(value, (int, float))
+    if not ok or isinstance(value, bool):
+        raise ConfigError(f"{where}: {key}={value!r:.60}: expected {'an integer' if kind is int else 'a number'}")
+    return kind(value)

@@ -34,6 +34,11 @@ class CheckpointError(LlamaJaxError):
     """A llama_jax parameter checkpoint or training checkpoint that is missing, of another layout, or damaged."""
 
 
+class CorruptCheckpointError(CheckpointError):
+    """Stored checkpoint data that is missing or damaged (a lost chunk, bytes that fail their checksum): a
+    training run falls back to an older checkpoint on it, where a mismatch of model or settings stops it."""
+
+
 class MeshError(LlamaJaxError):
     """A mesh that does not fit the devices or the model."""
 
@@ -58,6 +63,14 @@ class SamplingError(LlamaJaxError):
     """A prompt, sampling setting or sampler input that cannot be used."""
 
 
+class EvalError(LlamaJaxError):
+    """An evaluation task, task list or evaluation setting (lm-evaluation-harness) that cannot be used."""
+
+
+class HubError(LlamaJaxError):
+    """A Hugging Face Hub repository (hf://org/name) that cannot be fetched or pushed: missing, gated, offline."""
+
+
 class AotError(LlamaJaxError):
     """A topology, mesh or recipe that cannot be compiled ahead of time; the message lists the valid choices."""
 
@@ -69,3 +82,8 @@ class DoesNotFit(LlamaJaxError):
     def __init__(self, name: str, inputs: Dict[str, int], message: str):
         super().__init__(message)
         self.name, self.inputs = name, inputs
+
+
+def plural(n: int, noun: str) -> str:
+    """'1 device', '2 devices': counts in messages."""
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"

@@ -58,6 +58,7 @@ def _run_two_processes(tmp_path):
     return main, other
 
 
+@pytest.mark.slow
 def test_two_processes_train_like_one(tmp_path):
     import jax
 
@@ -102,7 +103,7 @@ def test_initialize_flags_and_single_process_batches():
     args = distributed.add_flags(argparse.ArgumentParser()).parse_args(
         ["--coordinator_address", "127.0.0.1:1234", "--num_processes", "2", "--process_id", "1"])
     assert (args.coordinator_address, args.num_processes, args.process_id) == ("127.0.0.1:1234", 2, 1)
-    with pytest.raises(ValueError, match="give all of --coordinator_address"):
+    with pytest.raises(ValueError, match="give all of --coordinator-address"):
         distributed.initialize("127.0.0.1:1234", None, 0)
     with pytest.raises(ValueError, match="process_id=2 must be in"):
         distributed.initialize("127.0.0.1:1234", 2, 2)

@@ -46,7 +46,6 @@ def test_rows_in_chunks_bfloat16_scalars_and_empty_ranges(tmp_path, monkeypatch)
 
 
 @pytest.mark.parametrize("offsets, data, message", [
-    ([[0, 8], [4, 12]], 12, "invalid offset for tensor `b`"),  # overlapping
     ([[0, 8], [16, 24]], 24, "invalid offset for tensor `b`"),  # a gap
     ([[0, 8], [8, 16]], 20, "not fully covered"),  # bytes after the last tensor
 ])

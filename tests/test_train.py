@@ -134,6 +134,7 @@ def _wait_for_checkpoint(proc, workdir, after: int, timeout=180):
     raise AssertionError("no checkpoint appeared")
 
 
+@pytest.mark.slow
 def test_sigkill_and_sigterm_then_resume_equal_an_uninterrupted_run(tmp_path):
     corpus_dir()
     args = [*TINY, "steps=40", "checkpoint_every=5", "keep_checkpoints=2"]
@@ -170,6 +171,7 @@ def test_sigkill_and_sigterm_then_resume_equal_an_uninterrupted_run(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------- accumulation
+@pytest.mark.slow
 def test_grad_accumulation_equals_a_k_times_larger_batch(tmp_path):
     from llama_jax.training import loop as trainer
     path = corpus_dir()
@@ -193,13 +195,15 @@ def _free_port():
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_two_processes_of_four_devices_train_like_one_of_eight(tmp_path):
+    # the two processes run the default command (no data.path: the built-in corpus, which each process finds
+    # or builds and checks against process 0's); the one process reads the same corpus through data.path
     path = corpus_dir()
-    args = [*TINY, f"data.path={path}", "steps=4", "checkpoint_every=2", "mesh.data=2", "mesh.fsdp=2",
-            "mesh.tensor=2"]
+    args = [*TINY, "steps=4", "checkpoint_every=2", "mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"]
     one, two, port = str(tmp_path / "one"), str(tmp_path / "two"), _free_port()
-    flags = [[]] + [["--coordinator_address", f"127.0.0.1:{port}", "--num_processes", "2", "--process_id", str(i)]
-                    for i in range(2)]
+    flags = [[f"data.path={path}"]] + [["--coordinator_address", f"127.0.0.1:{port}", "--num_processes", "2",
+                                        "--process_id", str(i)] for i in range(2)]
     procs = [subprocess.Popen([sys.executable, "train.py", "--no_progress", f"workdir={one if i == 0 else two}",
                                *args, *f], cwd=ROOT, env=_env(8 if i == 0 else 4), stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True) for i, f in enumerate(flags)]

@@ -1,7 +1,7 @@
 """The llama_jax parameter checkpoint: Orbax parameters + a metadata JSON + the tokenizer files.
 
     DST/
-      llama_jax.json    {"format", "format_version", "param_layout", "dtype", "config", "source"}
+      llama_jax.json    {"format", "format_version", "param_layout", "dtype", "config", "source", "checksums"}
       params/           an Orbax checkpoint of the parameter tree (layout in model.py), zarr per leaf
       tokenizer.model, tokenizer.json, ...   copied from the source directory
 
@@ -10,21 +10,30 @@ one row block of the embedding), which gives the exact files and tree metadata O
 zarr array is then resized in place with tensorstore to its full shape and filled one layer / row block at a
 time. Zarr keeps the placeholder's chunk shape, so a chunk is one layer, and Orbax restores it like any other
 checkpoint — including straight into a different sharding, where each device reads only its own slice.
+
+Reading checks what was read: "checksums" holds one per array (io/integrity.py; the writer adds them up block by
+block), compared after a load and on an export's first read of each array; a chunk missing from disk is an
+error, not zeros. A checkpoint written before checksums were recorded loads with a log line saying so.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
-from typing import Optional, Sequence, Tuple
+import re
+from typing import Dict, Optional, Sequence, Tuple
 
 import numpy as np
 
 from llama_jax.config import ConfigError, LlamaConfig, dtype_of
+from llama_jax.io import integrity
 from llama_jax.model import spec
 from llama_jax.model.spec import PARAM_LAYOUT
-from llama_jax.errors import CheckpointError  # noqa: F401 (also re-exported)
+from llama_jax.errors import CheckpointError, CorruptCheckpointError  # noqa: F401 (also re-exported)
+
+log = logging.getLogger("llama_jax")
 
 METADATA_FILE = "llama_jax.json"
 PARAMS_DIR = "params"
@@ -54,9 +63,13 @@ def is_checkpoint(path: str) -> bool:
     return os.path.isfile(os.path.join(path, METADATA_FILE))
 
 
-def write_metadata(directory: str, config: LlamaConfig, dtype: str, source: Optional[dict] = None) -> None:
+def write_metadata(directory: str, config: LlamaConfig, dtype: str, source: Optional[dict] = None,
+                   checksums: Optional[Dict[str, int]] = None) -> None:
+    """Write llama_jax.json; `checksums` ({"layers/attn/q": int}, io/integrity.py) are verified on every read."""
     meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "param_layout": PARAM_LAYOUT, "dtype": dtype,
             "config": config_to_dict(config), "source": source or {}}
+    if checksums is not None:
+        meta["checksums"] = {"algorithm": integrity.ALGORITHM, "arrays": dict(sorted(checksums.items()))}
     with open(os.path.join(directory, METADATA_FILE), "w") as f:
         json.dump(meta, f, indent=2)
         f.write("\n")
@@ -105,15 +118,22 @@ class ParamsWriter:
         # Non-OCDBT: each leaf is its own zarr array, which tensorstore can resize and fill in place.
         with ocp.Checkpointer(ocp.StandardCheckpointHandler(use_ocdbt=False)) as ckptr:
             ckptr.save(self.params_dir, spec.nest(placeholders.items()))
-        self._arrays = {}
+        self._arrays, self._sums = {}, {}
         for path, shape, _, _ in leaves:
             arr = ts.open(leaf_spec(self.params_dir, ".".join(path)), open=True).result()
             if tuple(arr.shape) != tuple(shape):
                 arr = arr.resize(exclusive_max=tuple(shape), expand_only=True).result()
-            self._arrays[path] = arr
+            self._arrays[path], self._sums[path] = arr, 0
 
     def write(self, path: Tuple[str, ...], index: Tuple[slice, ...], block: np.ndarray) -> None:
-        self._arrays[path][index].write(block).result()
+        arr = self._arrays[path]
+        block = np.asarray(block, arr.dtype.numpy_dtype)
+        self._sums[path] = integrity.add(self._sums[path], integrity.block_checksum(block, arr.shape, index))
+        arr[index].write(block).result()
+
+    def checksums(self) -> Dict[str, int]:
+        """{"layers/attn/q": checksum} of what was written (each block once), for `write_metadata`."""
+        return {"/".join(path): value for path, value in self._sums.items()}
 
 
 # ---------------------------------------------------------------------------------------------- reading
@@ -126,15 +146,52 @@ def _orbax_tree_metadata(params_dir: str) -> dict:
         raise CheckpointError(f"{path}: cannot read Orbax tree metadata ({e})") from None
 
 
-def leaf_spec(params_dir: str, name: str) -> dict:
-    """Tensorstore spec of one leaf of an Orbax parameter checkpoint (zarr or zarr3, OCDBT or not)."""
+def leaf_spec(params_dir: str, name: str, fill_missing: bool = True) -> dict:
+    """Tensorstore spec of one leaf of an Orbax parameter checkpoint (zarr or zarr3, OCDBT or not). Readers
+    pass fill_missing=False: a chunk missing from disk is then an error, not the fill value (zeros)."""
     meta = _orbax_tree_metadata(params_dir) if os.path.isfile(os.path.join(params_dir, "_METADATA")) else {}
     driver = "zarr3" if meta.get("use_zarr3") else "zarr"
     if os.path.isfile(os.path.join(params_dir, "manifest.ocdbt")):
         kvstore = {"driver": "ocdbt", "base": f"file://{os.path.abspath(params_dir)}", "path": name}
     else:
         kvstore = {"driver": "file", "path": os.path.join(os.path.abspath(params_dir), name)}
-    return {"driver": driver, "kvstore": kvstore}
+    out = {"driver": driver, "kvstore": kvstore}
+    if not fill_missing:
+        out["fill_missing_data_reads"] = False
+    return out
+
+
+_STATUS = re.compile(r"\b(NOT_FOUND|DATA_LOSS|FAILED_PRECONDITION|OUT_OF_RANGE|INVALID_ARGUMENT|INTERNAL|UNKNOWN|"
+                     r"PERMISSION_DENIED|UNAVAILABLE|RESOURCE_EXHAUSTED): ([^\n]*?)(?:'\)|\)\.?|$)", re.M)
+
+
+def read_error(e: BaseException) -> str:
+    """The one line that matters of a tensorstore / Orbax read error (its status line; they carry the whole
+    tensorstore spec besides), e.g. 'NOT_FOUND: Error reading "lm_head/0.0" ...'."""
+    seen = e
+    while seen is not None:
+        m = _STATUS.search(str(seen))
+        if m:
+            return f"{m.group(1)}: {m.group(2).strip()}"[:400]
+        seen = seen.__cause__ or seen.__context__
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:400]
+
+
+def verify(where: str, expected: Optional[dict], actual: Dict[str, int], what: str) -> None:
+    """Raise CorruptCheckpointError naming the first array of `where` whose checksum differs from the one
+    recorded (`expected`: the {"algorithm", "arrays"} record, None for a checkpoint written without one)."""
+    if expected is None:
+        log.warning(f"{where}: no checksums recorded (written by an older llama_jax): {what} without verifying "
+                    "the stored arrays")
+        return
+    if expected.get("algorithm") != integrity.ALGORITHM:
+        raise CheckpointError(f"{where}: checksums of kind {expected.get('algorithm')!r}, this llama_jax "
+                              f"verifies {integrity.ALGORITHM!r}")
+    bad = integrity.mismatches(expected.get("arrays", {}), actual)
+    if bad:
+        more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+        raise CorruptCheckpointError(f"{where}: array {bad[0]}{more} does not match the checksum recorded when it "
+                                     "was written: the stored data is corrupt")
 
 
 def _check_tree(params_dir: str, config: LlamaConfig) -> None:
@@ -155,7 +212,8 @@ def restore_params(directory: str, dtype: Optional[str] = None, shardings=None) 
     import orbax.checkpoint as ocp
 
     meta, config = read_metadata(directory)
-    dtype = dtype or meta.get("dtype") or config.param_dtype
+    stored = meta.get("dtype") or config.param_dtype
+    dtype = dtype or stored
     config = config.replace(param_dtype=dtype)
     params_dir = os.path.join(directory, PARAMS_DIR)
     _check_tree(params_dir, config)
@@ -165,8 +223,15 @@ def restore_params(directory: str, dtype: Optional[str] = None, shardings=None) 
         shardings = jax.tree.map(lambda _: device, shapes)
     target = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, dtype_of(dtype), sharding=sh),
                           shapes, shardings)
-    with ocp.StandardCheckpointer() as ckptr:
-        params = ckptr.restore(os.path.abspath(params_dir), target)
+    try:
+        with ocp.StandardCheckpointer() as ckptr:
+            params = ckptr.restore(os.path.abspath(params_dir), target)
+    except Exception as e:  # noqa: BLE001 - Orbax and tensorstore raise bare Exceptions with the whole spec
+        raise CorruptCheckpointError(f"{params_dir}: cannot read the stored arrays: {read_error(e)}") from None
+    if meta.get("checksums") is None or np.dtype(dtype_of(dtype)) == np.dtype(dtype_of(stored)):
+        verify(params_dir, meta.get("checksums"), integrity.tree_checksums(params), "loaded")
+    else:  # cast on read: the checksums are of the stored values, so check those (from disk, slab by slab)
+        ParamsReader(directory).verify_all()
     return config, params
 
 
@@ -191,8 +256,47 @@ class ParamsReader:
         self.params_dir = os.path.join(directory, PARAMS_DIR)
         _check_tree(self.params_dir, self.config)
         self._ts, self._arrays = ts, {}
+        self._checksums = self.meta.get("checksums")
+        if self._checksums is None:
+            verify(self.params_dir, None, {}, "read")  # the log line of an unverified (older) checkpoint
+
+    def verify_all(self) -> None:
+        """Read every leaf once and compare it with its checksum."""
+        for p in spec.params(self.config):
+            self.read(".".join(p.path), (slice(0, 0),) if p.full_shape(self.config) else ())
 
     def read(self, name: str, index=()) -> np.ndarray:
+        """Block `index` of leaf `name` ("layers.attn.q"); the first read of a leaf verifies all of it."""
         if name not in self._arrays:
-            self._arrays[name] = self._ts.open(leaf_spec(self.params_dir, name), open=True).result()
-        return np.asarray(self._arrays[name][index].read().result())
+            self._arrays[name] = self._open(name)
+        return self._read(name, index)
+
+    def _open(self, name: str):
+        try:
+            arr = self._ts.open(leaf_spec(self.params_dir, name, fill_missing=False), open=True).result()
+        except Exception as e:  # noqa: BLE001 - tensorstore's errors carry the whole spec
+            raise CorruptCheckpointError(f"{self.params_dir}/{name}: cannot open: {read_error(e)}") from None
+        self._arrays[name] = arr
+        if self._checksums is not None:
+            self._verify(name, arr)
+        return arr
+
+    def _read(self, name: str, index) -> np.ndarray:
+        try:
+            return np.asarray(self._arrays[name][index].read().result())
+        except Exception as e:  # noqa: BLE001 - a lost chunk is NOT_FOUND, a damaged one a decoding error
+            raise CorruptCheckpointError(f"{self.params_dir}/{name}: cannot read: {read_error(e)}") from None
+
+    def _verify(self, name: str, arr) -> None:
+        """Read leaf `name` slab by slab along its first axis (a layer, or rows of about 64 MiB) and compare its
+        checksum with the one recorded."""
+        shape = tuple(arr.shape)
+        row = int(np.prod(shape[1:], dtype=np.int64)) * arr.dtype.numpy_dtype.itemsize
+        step = max(1, (64 << 20) // max(row, 1)) if shape else 1
+        total = 0
+        for start in range(0, shape[0] if shape else 1, step):
+            index = (slice(start, min(start + step, shape[0])),) if shape else ()
+            total = integrity.add(total, integrity.block_checksum(self._read(name, index), shape, index))
+        key = name.replace(".", "/")
+        expected = dict(self._checksums, arrays={key: self._checksums.get("arrays", {}).get(key)})
+        verify(self.params_dir, expected, {key: total}, "read")

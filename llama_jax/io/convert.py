@@ -1,7 +1,12 @@
-"""Convert Hugging Face / Meta Llama checkpoints into llama_jax checkpoints, and back out to Hugging Face.
+"""Convert Hugging Face / Meta / GGUF Llama checkpoints into llama_jax checkpoints, and back out to Hugging Face
+or GGUF.
 
     python -m llama_jax.convert SRC DST [--dtype bfloat16|float16|float32] [--force]
     python -m llama_jax.convert --to-hf SRC DST [--dtype ...] [--max-shard-size 5GB] [--force]
+                                [--push-to-hub ORG/NAME [--private] [--dry-run]]
+    python -m llama_jax.convert --to-gguf SRC OUT.gguf [--type f16|bf16|q8_0|q4_0|q4_k_m] [--force]
+
+SRC may be an hf://ORG/NAME[@REVISION] model on the Hugging Face Hub (fetched through its cache, io/hub.py).
 
 Both directions stream: one tensor (one layer of a stacked leaf, or one row block of the embedding) is in
 memory at a time, so host memory does not grow with the model (bench/convert_memory.py measures it). All
@@ -13,6 +18,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
+import glob
 import json
 import os
 import re
@@ -27,9 +34,10 @@ from llama_jax.config import dtype_of
 from llama_jax.errors import ConversionError, LlamaJaxError
 from llama_jax.io.blocks import hf_blocks, leaves, read_block
 from llama_jax.io.checkpoint import ParamsReader, ParamsWriter, write_metadata
+from llama_jax.io import hub
 from llama_jax.io.formats import open_source
 from llama_jax.io.safetensors_io import SafetensorsWriter
-from llama_jax.io.source import tokenizer_files_in
+from llama_jax.io.source import copy_files, tokenizer_files_in
 
 DTYPE_CHOICES = ("bfloat16", "float16", "float32")
 INPUT_ERRORS = (LlamaJaxError, OSError)  # OSError: a disk or permission problem, named by the OS
@@ -46,6 +54,7 @@ def staged_output(dst: str, force: bool = False, src: Optional[str] = None):
     """Yields a temporary directory beside `dst`; on success it becomes `dst` (replacing it with `force`),
     on any failure it is removed and `dst` is untouched."""
     dst = os.path.abspath(dst)
+    _clean_stale(dst)  # first: it may put back the previous output that a killed run had moved aside
     if os.path.exists(dst) and not os.path.isdir(dst):
         raise ConversionError(f"{dst}: exists and is not a directory")
     if os.path.isdir(dst) and os.listdir(dst) and not force:
@@ -58,7 +67,13 @@ def staged_output(dst: str, force: bool = False, src: Optional[str] = None):
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(dst)}.tmp-", dir=parent)
     try:
-        yield tmp
+        try:
+            yield tmp
+        except (OSError, ValueError) as e:  # tensorstore reports a full disk as a ValueError
+            if getattr(e, "errno", None) == errno.ENOSPC or "No space left on device" in str(e):
+                raise ConversionError(f"{dst}: no space left on device while writing it ({e}); nothing was "
+                                      "written to the destination: free some space and run again") from None
+            raise
         os.chmod(tmp, 0o755)
         old = None
         if os.path.isdir(dst):
@@ -70,6 +85,18 @@ def staged_output(dst: str, force: bool = False, src: Optional[str] = None):
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _clean_stale(dst: str) -> None:
+    """Remove what an interrupted run for the same `dst` left beside it: .DST.tmp-* (a half-written output) and
+    .DST.old-* (the previous output, moved aside just before the rename; put back first if DST is missing)."""
+    parent, base = os.path.dirname(dst), glob.escape(os.path.basename(dst))
+    for old in glob.glob(os.path.join(parent, f".{base}.old-*")):
+        if not os.path.lexists(dst) and os.path.isdir(os.path.join(old, "x")):
+            os.rename(os.path.join(old, "x"), dst)  # killed between the two renames: the old output is whole
+        shutil.rmtree(old, ignore_errors=True)
+    for tmp in glob.glob(os.path.join(parent, f".{base}.tmp-*")):
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _return_large_blocks_to_the_os() -> None:
@@ -86,10 +113,8 @@ def _return_large_blocks_to_the_os() -> None:
 
 
 def _copy_tokenizer(src_dir: str, dst_dir: str) -> List[str]:
-    names = tokenizer_files_in(src_dir)
-    for name in names:
-        shutil.copyfile(os.path.join(src_dir, name), os.path.join(dst_dir, name))
-    return names
+    # copy_files refuses a symlink that leads out of src_dir
+    return copy_files(src_dir, dst_dir, tokenizer_files_in(src_dir))
 
 
 # ---------------------------------------------------------------------------------------------- in
@@ -104,16 +129,17 @@ def convert_to_llama_jax(src: str, dst: str, dtype: Optional[str] = None, force:
     np_dtype = dtype_of(dtype)
     config = source.config.replace(param_dtype=dtype)
     plan = leaves(config, np_dtype.itemsize)
-    with staged_output(dst, force, src) as tmp:
+    with staged_output(dst, force, source.directory) as tmp:
         writer = ParamsWriter(tmp, [(leaf.path, leaf.shape, leaf.block_axis, leaf.block) for leaf in plan], np_dtype)
         with _progress(sum(len(leaf.blocks()) for leaf in plan), "converting", progress) as bar:
             for leaf in plan:
                 for index in leaf.blocks():
                     writer.write(leaf.path, index, read_block(source, leaf, index, np_dtype))
                     bar.update(1)
-        tokenizer = _copy_tokenizer(source.directory, tmp)
-        write_metadata(tmp, config, dtype, {"kind": source.kind, "path": os.path.abspath(src),
-                                            "tokenizer_files": tokenizer})
+        tokenizer = source.copy_tokenizer(tmp)
+        origin = src if hub.is_hub(src) else os.path.abspath(src)  # an hf:// name is kept as the user gave it
+        write_metadata(tmp, config, dtype, {"kind": source.kind, "path": origin,
+                                            "tokenizer_files": tokenizer}, checksums=writer.checksums())
     return dst
 
 
@@ -181,24 +207,57 @@ def export_to_hf(src: str, dst: str, dtype: Optional[str] = None, max_shard_size
 
 
 # ---------------------------------------------------------------------------------------------- CLI
+def _size_of(directory: str) -> str:
+    """'12 files, 2.47 GB': what the converter wrote, for its one line on success."""
+    sizes = [os.path.getsize(os.path.join(root, f)) for root, _, files in os.walk(directory) for f in files]
+    return f"{len(sizes)} files, {hub.format_bytes(sum(sizes))}"
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m llama_jax.convert", description=__doc__.split("\n\n")[0])
-    parser.add_argument("src", help="HF directory, Meta directory, or (with --to-hf) a llama_jax checkpoint")
+    parser.add_argument("src", help="HF directory, Meta directory, GGUF file, or (with --to-hf / --to-gguf) a "
+                        "llama_jax checkpoint")
     parser.add_argument("dst", help="output directory (must not exist or be empty, unless --force)")
     parser.add_argument("--to-hf", action="store_true", help="export a llama_jax checkpoint to Hugging Face")
+    parser.add_argument("--to-gguf", action="store_true",
+                        help="export a llama_jax checkpoint to one GGUF file DST (llama.cpp, Ollama)")
+    parser.add_argument("--type", default="f16", help="with --to-gguf: f16 (default), bf16, f32, q8_0, q4_0, "
+                        "q4_1, q5_0, q5_1 or q4_k_m (q4_k_m needs llama-cpp-python)")
     parser.add_argument("--dtype", choices=DTYPE_CHOICES, help="parameter dtype (default: the source's)")
     parser.add_argument("--max-shard-size", default="5GB", help="with --to-hf: largest safetensors file")
     parser.add_argument("--force", action="store_true", help="replace a non-empty DST")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--push-to-hub", metavar="REPO", default=None,
+                        help="with --to-hf: upload DST to the Hugging Face Hub model repository REPO (ORG/NAME)")
+    parser.add_argument("--private", action="store_true", help="with --push-to-hub: create REPO private")
+    parser.add_argument("--dry-run", action="store_true", help="with --push-to-hub: list what would be pushed")
     args = parser.parse_args(argv)
+    if args.to_hf and args.to_gguf:
+        print("error: --to-hf and --to-gguf are two exports; give one", file=sys.stderr)
+        return 2
+    if args.push_to_hub and not args.to_hf:
+        print("error: --push-to-hub needs --to-hf (it uploads the Hugging Face directory written to DST)",
+              file=sys.stderr)
+        return 2
     import absl.logging
 
     absl.logging.set_verbosity(absl.logging.ERROR)  # Orbax logs each save step at WARNING/INFO
     try:
-        if args.to_hf:
+        if args.push_to_hub:
+            hub.check_repo_id(args.push_to_hub)  # before the export, not after it
+        if args.to_gguf:
+            from llama_jax.io.gguf_export import export_to_gguf
+
+            export_to_gguf(args.src, args.dst, args.type, args.force, not args.no_progress)
+            print(f"wrote a GGUF file ({args.type}) to {args.dst}: {hub.format_bytes(os.path.getsize(args.dst))}")
+        elif args.to_hf:
             export_to_hf(args.src, args.dst, args.dtype, args.max_shard_size, args.force, not args.no_progress)
+            print(f"wrote a Hugging Face directory (safetensors) to {args.dst}: {_size_of(args.dst)}")
+            if args.push_to_hub:
+                hub.push_folder(args.dst, args.push_to_hub, dry_run=args.dry_run, private=args.private)
         else:
             convert_to_llama_jax(args.src, args.dst, args.dtype, args.force, not args.no_progress)
+            print(f"wrote a llama_jax checkpoint to {args.dst}: {_size_of(args.dst)}")
     except INPUT_ERRORS as e:
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
         return 1

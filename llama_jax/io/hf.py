@@ -43,8 +43,11 @@ class HFSource(Source):
         try:
             with open(index_path) as fh:
                 weight_map = json.load(fh)["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
             raise ConversionError(f"{index_path}: not a safetensors index (expected a 'weight_map'; {e})") from None
+        if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+            raise ConversionError(f"{index_path}: weight_map is {weight_map!r:.60}; expected an object "
+                                  "{tensor name: file name}")
         root = os.path.realpath(self.directory)
         for name, filename in weight_map.items():
             path = os.path.realpath(os.path.join(self.directory, filename))

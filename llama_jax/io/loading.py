@@ -7,7 +7,6 @@ safetensors / .pth tensors are read by `jax.make_array_from_callback`, a layer a
 
 from __future__ import annotations
 
-import os
 from typing import Optional, Tuple
 
 import numpy as np
@@ -21,13 +20,14 @@ from llama_jax.parallel.sharding import DEFAULT_RULES
 
 
 def load(path, dtype=None, mesh=None, rules=DEFAULT_RULES) -> Tuple[LlamaConfig, dict]:
-    """(config, params) from a llama_jax checkpoint, a Hugging Face or Meta directory, or a training workdir.
+    """(config, params) from a llama_jax checkpoint, a Hugging Face or Meta directory (or hf://org/name on the
+    Hugging Face Hub), or a training workdir.
 
     `dtype` ('bfloat16', 'float32', ... or a numpy dtype) casts the parameters (default: as stored) and is
     recorded as `config.param_dtype`. With `mesh`, params are sharded jax.Arrays (see the module docstring);
     without, they live on the default device.
     """
-    path = os.fspath(path)
+    path = formats.resolve(path)  # hf://org/name: a local snapshot in the Hugging Face cache
     if dtype is not None:
         dtype = np.dtype(dtype).name
     fmt = formats.find(path)

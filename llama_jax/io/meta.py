@@ -1,13 +1,14 @@
 """Meta's original checkpoint directories: params.json + consolidated.NN.pth model-parallel shards (+
-tokenizer.model). Tensors are renamed to the spec's Hugging Face names, merged along the spec's `meta_split` axis
-and their q/k rows un-interleaved to the half-split RoPE order on read. Torch is imported here only; shards are
-memory-mapped, so a tensor is read when it is converted."""
+tokenizer.model). Tensors are renamed to the spec's Hugging Face names, merged across the shards along the axis
+their shapes and the config say (`merge_axis`: Llama 3 cuts the embedding by vocabulary, Llama 2 by model
+dimension) and their q/k rows un-interleaved to the half-split RoPE order on read. Torch is imported here only;
+shards are memory-mapped, so a tensor is read when it is converted."""
 
 from __future__ import annotations
 
 import glob
 import os
-from typing import Dict, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
@@ -29,7 +30,11 @@ class MetaSource(Source):
     kind = "Meta"
 
     def __init__(self, directory: str):
-        import torch  # only Meta's .pth format needs torch
+        try:
+            import torch  # only Meta's .pth format needs torch
+        except ImportError:
+            raise ConversionError(f"{directory}: a Meta checkpoint (consolidated.NN.pth) is read with PyTorch, "
+                                  "which is not installed; install it with: pip install torch") from None
 
         self.directory = directory
         params_path = os.path.join(directory, "params.json")
@@ -50,8 +55,12 @@ class MetaSource(Source):
         if "tok_embeddings.weight" not in first:
             raise ConversionError(f"{paths[0]}: has no tensor 'tok_embeddings.weight'")
         params, _ = read_json(params_path, "params.json")  # a ConfigError naming the file (open_source rewraps)
-        # Llama 2's params.json says vocab_size -1: the embedding's rows are the vocabulary.
-        vocab = None if int(params.get("vocab_size", -1) or -1) > 0 else int(first["tok_embeddings.weight"].shape[0])
+        if not isinstance(params, dict):
+            raise ConversionError(f"{params_path}: expected a JSON object, found {type(params).__name__}")
+        # Llama 2's params.json says vocab_size -1: the embedding's shards give the vocabulary.
+        vocab = params.get("vocab_size", -1)
+        vocab = None if isinstance(vocab, int) and vocab > 0 else embedding_vocab(
+            [tuple(s["tok_embeddings.weight"].shape) for s in self._shards], params.get("dim"), paths)
         self.config = LlamaConfig.from_meta(params_path, vocab_size=vocab)
         # HF name -> (Meta name, the spec entry): the spec gives the split axis and the rotary permutation
         self._meta_name: Dict[str, Tuple[str, spec.Param]] = {}
@@ -68,13 +77,17 @@ class MetaSource(Source):
             if missing:
                 raise ConversionError(f"{p}: model-parallel shard is missing tensor {missing[0]!r} "
                                       f"(present in {paths[0]})")
+        # HF name -> the axis its shards are concatenated on (None: one copy), from the shapes (see merge_axis)
+        self._axis = {name: merge_axis([tuple(s[m].shape) for s in self._shards], param.hf_shape(self.config),
+                                       f"{', '.join(paths)} ({m!r})", self.config)
+                      for name, (m, param) in self._meta_name.items()}
 
     def names(self):
         return list(self._meta_name)
 
     def _parts(self, name):
-        meta_name, param = self._meta_name[name]
-        axis = param.meta_split
+        meta_name, _ = self._meta_name[name]
+        axis = self._axis[name]
         return meta_name, axis, [s[meta_name] for s in (self._shards if axis is not None else self._shards[:1])]
 
     def shape(self, name):
@@ -106,3 +119,44 @@ class MetaSource(Source):
              else t.numpy()).copy()
         rotary = self._meta_name[name][1].rotary_heads
         return spec.meta_to_hf_rotary(w, getattr(self.config, rotary)) if rotary else w
+
+
+def embedding_vocab(shapes: List[Tuple[int, ...]], dim, paths: List[str]) -> int:
+    """The vocabulary size from the tok_embeddings shards' shapes, for a params.json without one. Llama 3's
+    VocabParallelEmbedding cuts the rows (each shard [vocab/n, dim]), Llama 2's ParallelEmbedding the columns
+    (each [vocab, dim/n]); with `dim` from params.json at most one of the two fits."""
+    n, where = len(shapes), f"{', '.join(paths)} ('tok_embeddings.weight')"
+    if not isinstance(dim, int) or isinstance(dim, bool) or dim <= 0:
+        raise ConversionError(f"{paths[0]}: params.json dim={dim!r}: expected a positive integer")
+    if any(len(s) != 2 or s != shapes[0] for s in shapes):
+        raise ConversionError(f"{where}: model-parallel shards of shapes {shapes}; expected n equal 2-D shards")
+    rows, cols = shapes[0]
+    fits = [vocab for vocab, ok in ((rows * n, cols == dim), (rows, cols * n == dim)) if ok]
+    if len(fits) != 1:
+        what = "both" if fits else "neither"
+        raise ConversionError(f"{where}: {n} shards of shape {shapes[0]} fit {what} a split by vocabulary "
+                              f"([vocab/{n}, {dim}]) and {'' if fits else 'nor '}by model dimension "
+                              f"([vocab, {dim}/{n}]) for dim={dim} (params.json)")
+    return fits[0]
+
+
+def merge_axis(shapes: List[Tuple[int, ...]], expected: Tuple[int, ...], where: str,
+               config: LlamaConfig) -> Optional[int]:
+    """The axis along which Meta's model-parallel shards of one tensor concatenate to `expected` (the spec's
+    [out, in] shape for the config), or None when each shard is the whole tensor (norms; one shard). Decided
+    from the shapes, not assumed: Llama 3 and Llama 2 cut the embedding differently (see embedding_vocab). A
+    shape that fits no axis, or more than one, is refused with the shard shapes and the config."""
+    expected = tuple(expected)
+    if len(shapes) == 1 or all(s == expected for s in shapes):
+        return None
+    fits = [axis for axis in range(len(expected))
+            if all(len(s) == len(expected) for s in shapes)
+            and sum(s[axis] for s in shapes) == expected[axis]
+            and all(s[:axis] + s[axis + 1:] == expected[:axis] + expected[axis + 1:] for s in shapes)]
+    if len(fits) != 1:
+        raise ConversionError(
+            f"{where}: model-parallel shards of shapes {shapes} concatenate to the expected {expected} along "
+            f"{'more than one axis' if fits else 'no axis'} (hidden_size={config.hidden_size}, "
+            f"vocab_size={config.vocab_size}, intermediate_size={config.intermediate_size}, "
+            f"num_heads={config.num_heads}, num_kv_heads={config.num_kv_heads})")
+    return fits[0]

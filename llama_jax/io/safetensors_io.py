@@ -13,6 +13,7 @@ neither side ever holds more than one tensor.
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
@@ -54,23 +55,8 @@ class SafetensorsFile:
                 header = json.loads(f.read(n))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise SafetensorsError(f"{path}: not a safetensors file (bad JSON header: {e})") from None
-        self.metadata = header.pop("__metadata__", None) or {}
         self._data_start = 8 + n
-        self.tensors: Dict[str, Tuple[np.dtype, Tuple[int, ...], int, int]] = {}
-        end_max = 0
-        for name, info in header.items():
-            if info.get("dtype") not in DTYPES:
-                raise SafetensorsError(f"{path}: tensor {name!r} has unsupported dtype {info.get('dtype')!r}")
-            dtype, shape = DTYPES[info["dtype"]], tuple(int(s) for s in info["shape"])
-            begin, end = (int(x) for x in info["data_offsets"])
-            if end - begin != dtype.itemsize * int(np.prod(shape, dtype=np.int64)):
-                raise SafetensorsError(f"{path}: tensor {name!r} of shape {shape} {info['dtype']} has "
-                                       f"{end - begin} bytes of data, expected {dtype.itemsize * int(np.prod(shape))}")
-            self.tensors[name] = (dtype, shape, begin, end)
-            end_max = max(end_max, end)
-        if self._data_start + end_max > size:
-            raise SafetensorsError(f"{path}: file is truncated: its header needs {self._data_start + end_max} "
-                                   f"bytes, the file has {size}")
+        self.metadata, self.tensors = check_header(path, header, self._data_start, size - self._data_start)
         with self._open():  # the library's own checks of the header, for what the ones above do not cover
             pass
 
@@ -119,6 +105,56 @@ class SafetensorsFile:
             return safetensors.safe_open(self.path, framework="numpy")
         except (safetensors.SafetensorError, OSError) as e:
             raise SafetensorsError(f"{self.path}: not a valid safetensors file ({e})") from None
+
+
+def _int_list(value, length=None) -> bool:
+    return (isinstance(value, list) and (length is None or len(value) == length)
+            and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value))
+
+
+def check_header(path: str, header, data_start: int, data_size: int):
+    """(metadata, {name: (dtype, shape, begin, end)}) of a parsed header, after checking every entry: an object
+    with a known dtype, a shape and two data_offsets of non-negative integers, its byte count equal to shape x
+    dtype, inside the `data_size` bytes after the header (which ends at byte `data_start`), and no two tensors sharing a byte. A SafetensorsError
+    names the file and the tensor otherwise (a negative offset would read header bytes as weights; overlapping
+    ones would alias two tensors)."""
+    if not isinstance(header, dict):
+        raise SafetensorsError(f"{path}: not a safetensors file (its header is a JSON {type(header).__name__}, "
+                               "expected an object of tensors)")
+    metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict):
+        raise SafetensorsError(f"{path}: __metadata__ is a {type(metadata).__name__}, expected an object")
+    tensors: Dict[str, Tuple[np.dtype, Tuple[int, ...], int, int]] = {}
+    for name, info in header.items():
+        if not isinstance(info, dict):
+            raise SafetensorsError(f"{path}: tensor {name!r} has header entry {info!r:.80}, expected an object "
+                                   "with dtype, shape and data_offsets")
+        if not isinstance(info.get("dtype"), str) or info["dtype"] not in DTYPES:
+            raise SafetensorsError(f"{path}: tensor {name!r} has unsupported dtype {info.get('dtype')!r}")
+        if not _int_list(info.get("shape")):
+            raise SafetensorsError(f"{path}: tensor {name!r} has shape {info.get('shape')!r:.80}, expected a "
+                                   "list of non-negative integers")
+        if not _int_list(info.get("data_offsets"), 2) or info["data_offsets"][0] > info["data_offsets"][1]:
+            raise SafetensorsError(f"{path}: tensor {name!r} has data_offsets {info.get('data_offsets')!r:.80}, "
+                                   "expected [begin, end] with 0 <= begin <= end")
+        dtype, shape = DTYPES[info["dtype"]], tuple(info["shape"])
+        begin, end = info["data_offsets"]
+        nbytes = dtype.itemsize * math.prod(shape)
+        if end - begin != nbytes:
+            raise SafetensorsError(f"{path}: tensor {name!r} of shape {shape} {info['dtype']} has "
+                                   f"{end - begin} bytes of data, expected {nbytes}")
+        if end > data_size:
+            raise SafetensorsError(f"{path}: file is truncated: tensor {name!r} (data_offsets [{begin}, {end}]) "
+                                   f"needs {data_start + end} bytes, the file has {data_start + data_size}")
+        tensors[name] = (dtype, shape, begin, end)
+    last_end, last = 0, None
+    for name, (_, _, begin, end) in sorted(tensors.items(), key=lambda kv: (kv[1][2], kv[1][3])):
+        if begin < last_end:
+            raise SafetensorsError(f"{path}: tensor {name!r} (bytes [{begin}, {end}]) overlaps tensor {last!r} "
+                                   f"(which ends at {last_end})")
+        if end > begin:
+            last_end, last = end, name
+    return metadata, tensors
 
 
 class SafetensorsWriter:

@@ -9,7 +9,7 @@ reads one tensor, or a range of its rows, on demand. Nothing here holds more tha
 from __future__ import annotations
 
 import os
-from typing import Dict, List, Tuple
+from typing import Dict, List, Sequence, Tuple
 
 import numpy as np
 
@@ -58,6 +58,11 @@ class Source:
         best = max(counts, key=counts.get) if counts else "float32"
         return best if best in ("float32", "bfloat16", "float16") else "float32"
 
+    def copy_tokenizer(self, dst_dir: str) -> List[str]:
+        """Put the tokenizer files into `dst_dir` (copied from the source directory; a GGUF file rebuilds them
+        from its metadata); returns their names."""
+        return copy_files(self.directory, dst_dir, tokenizer_files_in(self.directory))
+
     def ignored(self, name: str) -> bool:
         """A tensor that is not a parameter (old rotary buffers) or a tied head stored anyway."""
         return spec.is_ignored_hf(name) or (name == spec.get("lm_head").hf and self.config.tie_word_embeddings)
@@ -67,9 +72,10 @@ def check_source(source: Source) -> None:
     """Every tensor the spec needs for the source's config is present with the right shape, and nothing
     unknown is there."""
     config = source.config
+    names = set(source.names())
+    _check_layer_count(source, names)  # before the spec's names are enumerated for config.num_layers
     expected = {p.hf_name(i): (p, i) for p in spec.params(config)
                 for i in (range(config.num_layers) if p.stacked else (None,))}
-    names = set(source.names())
     unknown = sorted(n for n in names - set(expected) if not source.ignored(n))
     if unknown:
         raise ConversionError(f"{source.where(unknown[0])}: unknown tensor name {unknown[0]!r} for a Llama "
@@ -87,5 +93,36 @@ def check_source(source: Source) -> None:
             raise ConversionError(str(e)) from None
 
 
+def _check_layer_count(source: Source, names) -> None:
+    """The config's layer count against the layers the files hold, so that a config.json claiming 10**9 layers
+    is refused at once instead of building 10**9 tensor names (and gigabytes) first."""
+    held = {m[1] for m in map(spec.match_hf, names) if m is not None and m[1] is not None}
+    if source.config.num_layers > len(held):
+        raise ConversionError(f"{source.directory}: the config says num_layers={source.config.num_layers}, but "
+                              f"the checkpoint's files hold tensors for {len(held)} layer(s)")
+
+
 def tokenizer_files_in(directory: str) -> List[str]:
-    return [f for f in TOKENIZER_FILES if os.path.isfile(os.path.join(directory, f))]
+    return [f for f in TOKENIZER_FILES if os.path.lexists(os.path.join(directory, f))]
+
+
+def inside(directory: str, name: str) -> str:
+    """The real path of `directory`/`name`, refused (ConversionError) when a symlink takes it outside
+    `directory` (a downloaded folder could point tokenizer_config.json at ~/.ssh/id_rsa) or it is not a file."""
+    root = os.path.realpath(directory)
+    path = os.path.realpath(os.path.join(directory, name))
+    if os.path.commonpath([root, path]) != root:
+        raise ConversionError(f"{os.path.join(directory, name)}: is a link to {path}, outside the source "
+                              f"directory {directory}; refusing to copy it (copy the file itself in)")
+    if not os.path.isfile(path):
+        raise ConversionError(f"{os.path.join(directory, name)}: not a regular file")
+    return path
+
+
+def copy_files(src_dir: str, dst_dir: str, names: Sequence[str]) -> List[str]:
+    """Copy `names` from `src_dir` into `dst_dir`, each checked by `inside` first; returns the names."""
+    import shutil
+
+    for name in names:
+        shutil.copyfile(inside(src_dir, name), os.path.join(dst_dir, name))
+    return list(names)

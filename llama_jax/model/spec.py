@@ -14,8 +14,10 @@ Legend: L layers, D model dim, N query heads, K kv heads, H head dim, F MLP hidd
 Our layout: stacked tensors (path under "layers") carry the layer axis first ([L, ...], nn.scan). Matmul weights
 are stored input dims first, heads split out ([D, N, H] for q; [N, H, D] for o), so `x @ W` contracts the leading
 `inputs` dims. Hugging Face stores a torch Linear as [out, in] with heads flattened: ours.reshape(in, out).T.
-Meta's consolidated.NN.pth files hold the same [out, in] matrices, cut across model-parallel shards along
-`meta_split`, with q/k rows in Meta's interleaved rotary order (see `meta_to_hf_rotary`).
+Meta's consolidated.NN.pth files hold the same [out, in] matrices, cut across model-parallel shards (along
+`meta_split` in Llama 2's reference; Llama 3's cuts the embedding by vocabulary instead, so io/meta.py decides
+each tensor's axis from the shard shapes and the config), with q/k rows in Meta's interleaved rotary order
+(see `meta_to_hf_rotary`).
 """
 
 from __future__ import annotations
@@ -46,7 +48,7 @@ class Param:
     meta: str                                  # Meta consolidated.NN.pth name; "{i}" likewise
     init: str = "normal"                       # "normal" (stddev config.initializer_range) or "ones"
     inputs: int = 0                            # matmul weights: how many leading dims x @ W contracts; 0: none
-    meta_split: Optional[int] = None           # axis of the [out, in] matrix cut across Meta's shards; None: copied
+    meta_split: Optional[int] = None           # Llama 2's cut axis of the [out, in] matrix (printed; io/meta.py reads shapes)
     rotary_heads: Optional[str] = None         # config field: heads whose rows Meta stores in interleaved order
     quantize: bool = False                     # int8 weight-only candidate (one scale per output channel)
     lora: Optional[str] = None                 # the LoRA target name that adapts this weight

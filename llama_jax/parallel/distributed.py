@@ -1,7 +1,7 @@
 """Many hosts, one program: `jax.distributed` start-up, per-process batches, and process-0 logging.
 
-Every process runs the same script. `initialize()` joins them (from the `--coordinator_address`,
-`--num_processes`, `--process_id` flags, or automatically on a TPU pod slice where jax finds its peers
+Every process runs the same script. `initialize()` joins them (from the `--coordinator-address`,
+`--num-processes`, `--process-id` flags, or automatically on a TPU pod slice where jax finds its peers
 itself); from then on `jax.devices()` lists the devices of all processes and a mesh spans them all.
 Each process loads only the rows of the global batch that live on its own devices (`process_batch_rows`)
 and `global_batch` assembles the global, sharded `jax.Array`s from them without any host holding the rest.
@@ -29,12 +29,15 @@ _GOOGLE_PCI_VENDOR = "0x1ae0"
 
 
 def add_flags(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Add --coordinator_address, --num_processes, --process_id to a script's argument parser."""
+    """Add --coordinator-address, --num-processes, --process-id to a script's argument parser (the old
+    underscore spellings are accepted quietly)."""
     group = parser.add_argument_group("multi-host (leave out on a single host or a TPU pod slice)")
-    group.add_argument("--coordinator_address", default=None,
+    group.add_argument("--coordinator-address", default=None,
                        help="host:port of process 0, reachable from every process")
-    group.add_argument("--num_processes", type=int, default=None, help="number of processes (hosts)")
-    group.add_argument("--process_id", type=int, default=None, help="this process's index, 0..num_processes-1")
+    group.add_argument("--num-processes", type=int, default=None, help="number of processes (hosts)")
+    group.add_argument("--process-id", type=int, default=None, help="this process's index, 0..num_processes-1")
+    for old, type_ in (("--coordinator_address", str), ("--num_processes", int), ("--process_id", int)):
+        group.add_argument(old, type=type_, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     return parser
 
 
@@ -72,7 +75,7 @@ def initialize(coordinator_address: Optional[str] = None, num_processes: Optiona
     """
     given = [coordinator_address is not None, num_processes is not None, process_id is not None]
     if any(given) and not all(given):
-        raise ValueError("multi-host: give all of --coordinator_address, --num_processes and --process_id, "
+        raise ValueError("multi-host: give all of --coordinator-address, --num-processes and --process-id, "
                          f"or none of them (found coordinator_address={coordinator_address!r}, "
                          f"num_processes={num_processes!r}, process_id={process_id!r})")
     if jax.distributed.is_initialized():
@@ -152,3 +155,34 @@ def to_host(x: jax.Array) -> np.ndarray:
         return np.asarray(x.addressable_shards[0].data)
     raise ValueError(f"to_host: array of shape {x.shape} with sharding {x.sharding} spans other processes; "
                      "gather it with jax.experimental.multihost_utils.process_allgather")
+
+
+def barrier(name: str) -> None:
+    """Every process waits here until all have arrived (nothing to do on one process)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
+def differing_processes(value: str) -> list:
+    """The processes whose `value` differs from process 0's ([] when all agree, or on one process): a check
+    that every host built or read the same thing (a digest), before they train on it together."""
+    if jax.process_count() == 1:
+        return []
+    import hashlib
+
+    from jax.experimental import multihost_utils
+
+    digest = np.frombuffer(hashlib.sha256(value.encode()).digest(), np.uint8)
+    every = np.asarray(multihost_utils.process_allgather(digest))  # [processes, 32]
+    return [i for i in range(every.shape[0]) if not np.array_equal(every[i], every[0])]
+
+
+def all_processes(flag: bool) -> bool:
+    """True when `flag` is true on every process (a collective: every process calls it)."""
+    if jax.process_count() == 1:
+        return bool(flag)
+    from jax.experimental import multihost_utils
+
+    return bool(np.asarray(multihost_utils.process_allgather(np.asarray([int(bool(flag))], np.int32))).min())

@@ -28,7 +28,7 @@ from llama_jax.cpu.decode_layout import decoding_model, init_per_layer_cache, is
 from llama_jax.model.transformer import CACHE_AXES, init_cache
 from llama_jax.parallel.sharding import logical_to_spec, use_mesh
 from llama_jax.sampling.stream import OnToken, emit, sink
-from llama_jax.sampling.strategies import Greedy, Strategy
+from llama_jax.sampling.strategies import Greedy, Strategy, check_seed
 
 
 def bucket(n: int, minimum: int = 8, step: int = 512) -> int:
@@ -149,7 +149,7 @@ def generate_ids(params, config: LlamaConfig, prompts: Sequence[Sequence[int]], 
     max_new = min(int(max_new_tokens), config.max_position_embeddings - max(len(p) for p in prompts))
     tokens, lens, alive = _pad_batch(prompts)
     cache_len, buf_len = bucket(tokens.shape[1] + max_new), bucket(max_new)
-    key = jax.random.PRNGKey(seed) if isinstance(seed, int) else seed
+    key = seed if isinstance(seed, jax.Array) else jax.random.PRNGKey(check_seed(seed))  # one line, not an overflow
     stops = np.asarray(sorted(set(int(s) for s in stop_ids)) or [-2], np.int32)  # -2 never matches a token
 
     cache_sharding = None if mesh is None else tuple(sorted(kv_cache_sharding(

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import math
+import numbers
 from typing import Mapping, Optional, Tuple, Union
 
 import jax
@@ -100,17 +102,29 @@ def make_strategy(temperature: float = 1.0, top_k: Optional[int] = None, top_p: 
 
     Every sampled setting has the same structure, Sample((Temperature, TopK, TopP)) with "off" as k = V-ish
     and p = 1, so switching knobs in a notebook reuses one compiled program."""
-    if temperature is None or temperature < 0:
-        raise SamplingError(f"temperature={temperature}: expected 0 (greedy) or a positive number")
-    if top_k is not None and top_k < 0:
-        raise SamplingError(f"top_k={top_k}: expected a positive number of tokens (or 0/None for off)")
-    if top_p is not None and not 0 < top_p <= 1:
+    if not _real(temperature) or not 0 <= temperature < math.inf:  # nan fails both comparisons
+        raise SamplingError(f"temperature={temperature}: expected 0 (greedy) or a positive finite number")
+    if top_k is not None and (not _real(top_k) or not 0 <= top_k < 2**31 or top_k != int(top_k)):
+        raise SamplingError(f"top_k={top_k}: expected a number of tokens below 2**31 (int32 on the device; "
+                            "0/None for off)")
+    if top_p is not None and (not _real(top_p) or not 0 < top_p <= 1):
         raise SamplingError(f"top_p={top_p}: expected a probability in (0, 1] (or None for off)")
     if temperature == 0:
         return Greedy()
     k = int(top_k) if top_k else _NO_TOP_K
     p = float(top_p) if top_p is not None else 1.0
     return Sample((Temperature(float(temperature)), TopK(k), TopP(p)))
+
+
+def _real(x) -> bool:
+    return isinstance(x, numbers.Real) and not isinstance(x, bool)
+
+
+def check_seed(seed) -> int:
+    """A sampling seed as an int; SamplingError unless it is an integer in [-2**63, 2**63) (jax's 64-bit key)."""
+    if not isinstance(seed, numbers.Integral) or isinstance(seed, bool) or not -2**63 <= seed < 2**63:
+        raise SamplingError(f"seed={seed}: expected an integer in [-2**63, 2**63)")
+    return int(seed)
 
 
 KNOBS = tuple(inspect.signature(make_strategy).parameters)  # ("temperature", "top_k", "top_p")

@@ -13,7 +13,7 @@ import datetime
 import json
 from typing import TYPE_CHECKING, Dict, List, Sequence, Union
 
-from llama_jax.errors import SamplingError, TokenizerError
+from llama_jax.errors import LlamaJaxError, SamplingError, TokenizerError
 
 if TYPE_CHECKING:  # only for annotations: base.py imports this module
     from llama_jax.text.base import Tokenizer
@@ -37,8 +37,8 @@ def check_messages(messages: Sequence[Message]) -> None:
 
 def chat_pieces(tok: "Tokenizer", chat_format: str, messages: Sequence[Message],
                 add_generation_prompt: bool) -> List[Piece]:
-    """The built-in format's pieces ("llama3" or "llama2") for `messages`."""
-    build = llama3_pieces if chat_format == "llama3" else llama2_pieces
+    """The built-in format's pieces ("llama3", "step" or "llama2") for `messages`."""
+    build = {"llama3": llama3_pieces, "step": step_pieces}.get(chat_format, llama2_pieces)
     return build(tok, messages, add_generation_prompt)
 
 
@@ -77,12 +77,40 @@ def llama2_pieces(tok: "Tokenizer", messages: Sequence[Message], add_generation_
     return pieces
 
 
+def step_pieces(tok: "Tokenizer", messages: Sequence[Message], add_generation_prompt: bool) -> List[Piece]:
+    """Code Llama 70B Instruct (Meta's codellama `dialog_prompt_tokens`): BOS, then per message the header
+    " Source: role" (and "\nDestination: ..." where the message names one), "\n\n " + content unless empty, and
+    <step>; then the open reply " Source: assistant\nDestination: user", "\n\n ". A conversation without a system
+    message gets an empty one; user and assistant alternate after it, ending with the user."""
+    step = tok.token_id("<step>")
+    if messages[0]["role"] != "system":
+        messages = [{"role": "system", "content": ""}] + list(messages)
+    for i, m in enumerate(messages[1:]):
+        expected = "user" if i % 2 == 0 else "assistant"
+        if m["role"] != expected:
+            raise SamplingError(f"Code Llama 70B chat: message {i + 1} has role {m['role']!r}; roles must "
+                                "alternate user/assistant after an optional system message, ending with the user")
+    if messages[-1]["role"] != "user":
+        raise SamplingError(f"Code Llama 70B chat: the last message is {messages[-1]['role']!r}; expected 'user'")
+    pieces: List[Piece] = [tok.bos_id] if tok.bos_id is not None else []
+    for m in messages:
+        header = f"Source: {m['role'].strip()}"
+        if m.get("destination") is not None:
+            header += f"\nDestination: {m['destination'].strip()}"
+        pieces.append(" " + header)
+        if m["content"]:
+            pieces.append("\n\n " + m["content"].strip())
+        pieces.append(step)
+    return pieces + [" Source: assistant\nDestination: user", "\n\n "]
+
+
 def render_template(template: str, messages: Sequence[Message], add_generation_prompt: bool,
                     tokens: Dict[str, str]) -> str:
     """Render a Hugging Face-style Jinja chat template in a sandbox, with transformers' extras
     (`raise_exception`, `strftime_now`, a `tojson` that keeps non-ASCII) and `tokens` (bos_token, ...)."""
     import jinja2
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    from llama_jax.text.template_limits import LimitedSandbox, render_limited
 
     def raise_exception(message):  # the template refusing the messages, e.g. roles out of order
         raise SamplingError(f"chat template: {message}")
@@ -93,11 +121,15 @@ def render_template(template: str, messages: Sequence[Message], add_generation_p
     def strftime_now(fmt):
         return datetime.datetime.now().strftime(fmt)
 
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+    env = LimitedSandbox(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
     env.filters["tojson"] = tojson
     env.globals.update(raise_exception=raise_exception, strftime_now=strftime_now)
-    try:
-        return env.from_string(template).render(messages=list(messages), add_generation_prompt=add_generation_prompt,
-                                                **tokens)
+    try:  # with a budget of steps and time (template_limits.py): nested loops and 9**(9**9) stop with one line
+        return render_limited(env.from_string(template), messages=list(messages),
+                              add_generation_prompt=add_generation_prompt, **tokens)
     except jinja2.TemplateError as e:  # a broken template file, not the user's messages
         raise TokenizerError(f"chat template failed to render: {e}") from None
+    except LlamaJaxError:
+        raise
+    except (ArithmeticError, LookupError, TypeError, ValueError, RecursionError, MemoryError) as e:
+        raise TokenizerError(f"chat template failed to render: {type(e).__name__}: {e}") from None

@@ -25,6 +25,17 @@ class HFTokenizer(Tokenizer):
         tc, mc = tokenizer_config or {}, model_config or {}
         self.bos_id = self._resolve(tc.get("bos_token"), mc.get("bos_token_id"), ("<|begin_of_text|>", "<s>"))
         self.eos_id = self._resolve(tc.get("eos_token"), mc.get("eos_token_id"), ("<|end_of_text|>", "</s>"))
+        self.add_bos = self._adds_bos()
+
+    def _adds_bos(self) -> bool:
+        """transformers' rule for a tokenizer.json: whether its post-processor writes the BOS (a
+        TemplateProcessing "<s> $A"); a file without one adds nothing (SmolLM2-style). tokenizer_config.json's
+        `add_bos_token` does not count next to a tokenizer.json (transformers 5 drops it there; it counts for a
+        tokenizer.model, see tokenizer.py)."""
+        if self.bos_id is None or self.tok.post_processor is None:
+            return False
+        ids = self.tok.encode("a", add_special_tokens=True).ids
+        return bool(ids) and ids[0] == self.bos_id
 
     def _resolve(self, token, config_id, fallbacks) -> Optional[int]:
         """A token id from its name (a str or {"content": str}), else a config id (the first of a list), else
@@ -49,7 +60,7 @@ class HFTokenizer(Tokenizer):
         return self.tok.token_to_id(token)
 
     def _encode_text(self, text: str) -> List[int]:
-        # add_special_tokens=False: the post-processor would add its own BOS; encode() adds exactly one.
+        # add_special_tokens=False: the post-processor would add its own BOS; encode() adds it (see _adds_bos).
         self.tok.encode_special_tokens = True
         return self.tok.encode(text, add_special_tokens=False).ids
 

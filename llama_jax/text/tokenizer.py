@@ -6,7 +6,10 @@
 
 `load_tokenizer(path)` picks one from a file or a checkpoint directory and adds what the directory's JSON
 files say (BOS/EOS names, a Jinja `chat_template`, extra stop ids). Every tokenizer (base.py) has
-`encode(text, *, bos=True, eos=False) -> list[int]` (exactly one BOS: never one added by the backend),
+`encode(text, *, bos=True, eos=False) -> list[int]` (one BOS, never one added by the backend, and only
+where the checkpoint's tokenizer adds one: `add_bos`, as transformers decides: a tokenizer.json's
+post-processor; for a tokenizer.model (SentencePiece, tiktoken) yes unless tokenizer_config.json says
+"add_bos_token": false),
 `decode(ids) -> str`, `bos_id`, `eos_id`, `stop_ids`, `vocab_size`, and `encode_chat(messages)` /
 `render_chat(messages)` for Llama 2 chat, Llama 3 instruct or the checkpoint's own template (chat.py).
 Plain `encode` never turns text like "<|eot_id|>" into a control token; only chat formats emit them.
@@ -41,18 +44,26 @@ def load_tokenizer(path: str) -> Tokenizer:
         raise TokenizerError(f"load_tokenizer: {path!r} does not exist")
     directory = path if os.path.isdir(path) else os.path.dirname(path)
     file = _tokenizer_file(path) if os.path.isdir(path) else path
-    tc = _read_json(os.path.join(directory, "tokenizer_config.json"))
+    if os.path.isfile(file) and os.path.getsize(file) == 0:
+        raise TokenizerError(f"{file}: the file is empty (0 bytes); expected a tokenizer (SentencePiece model, "
+                             "tiktoken ranks or tokenizer.json)")
+    # special_tokens_map.json names BOS/EOS for older checkpoints; tokenizer_config.json's names come first
+    tc = {**_read_json(os.path.join(directory, "special_tokens_map.json")),
+          **_read_json(os.path.join(directory, "tokenizer_config.json"))}
+    generation = _read_json(os.path.join(directory, "generation_config.json"))  # read (and checked) up front
     if file.endswith(".json"):
         tok: Tokenizer = HFTokenizer(file, tc, _read_json(os.path.join(directory, "config.json")))
     elif is_tiktoken_file(file):
         tok = TiktokenTokenizer(file)
     else:
         tok = SentencePieceTokenizer(file)
+    if not file.endswith(".json") and isinstance(tc.get("add_bos_token"), bool):
+        tok.add_bos = tc["add_bos_token"]  # (a tokenizer.json's rule is HFTokenizer's: see there)
     template = _chat_template(directory, tc)
     if template:
         tok.chat_template = template
         tok.template_tokens = _template_tokens(tok, tc)
-    eos = _read_json(os.path.join(directory, "generation_config.json")).get("eos_token_id")
+    eos = generation.get("eos_token_id")
     eos = [eos] if isinstance(eos, int) else eos if isinstance(eos, list) else []
     tok.extra_stop_ids = tuple(int(e) for e in eos if isinstance(e, int) and 0 <= e < tok.vocab_size)
     return tok
@@ -101,6 +112,9 @@ def _read_json(path: str) -> dict:
         return {}
     try:
         with open(path) as f:
-            return json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
+            d = json.load(f)
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
         raise TokenizerError(f"{path}: unreadable JSON ({e})") from None
+    if not isinstance(d, dict):
+        raise TokenizerError(f"{path}: a JSON {type(d).__name__}, expected an object of settings")
+    return d

@@ -14,6 +14,8 @@ import hashlib
 import io
 import json
 import os
+import shutil
+import socket
 import sys
 import sysconfig
 from typing import Iterator, List
@@ -84,17 +86,58 @@ def ensure_default_corpus(vocab_size: int, cache_dir: str | None = None, verbose
     """Build (once) the built-in corpus, its tokenizer and its token files; returns the token directory.
 
     The directory holds `tokenizer.model`, `meta.json`, `train.bin`/`val.bin` and their document indexes
-    (see `llama_jax.training.data`). A finished build is marked by `meta.json`, written last, so an interrupted build
-    is redone rather than half-used.
+    (see `llama_jax.training.data`). It is built in a directory of its own beside (named by host and process)
+    and renamed into place when complete, so an interrupted build is never half-used and several processes
+    may build at once: on hosts that share the cache directory the first to finish wins, and the build is
+    deterministic, so every host of a multi-host run trains on the same tokens (the trainer checks that).
     """
-    from llama_jax.training import data
-
     out = os.path.join(cache_dir or default_cache_dir(), f"vocab{vocab_size}")
     if os.path.isfile(os.path.join(out, "meta.json")):
         return out
+    parent = os.path.dirname(out)
+    os.makedirs(parent, exist_ok=True)
+    _clear_stale(out)
+    tmp = f"{out}.tmp-{socket.gethostname()}-{os.getpid()}"
+    try:
+        _build(tmp, vocab_size, verbose, final=out)
+        try:
+            os.rename(tmp, out)
+        except OSError:  # another process finished first (a non-empty `out` cannot be replaced): use its build
+            if not os.path.isfile(os.path.join(out, "meta.json")):
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def _clear_stale(out: str) -> None:
+    """Remove what an interrupted build left: a directory without meta.json (from before builds were staged) and
+    this host's staging directories whose process is gone."""
+    if os.path.isdir(out) and not os.path.isfile(os.path.join(out, "meta.json")):
+        shutil.rmtree(out, ignore_errors=True)
+    prefix = f"{os.path.basename(out)}.tmp-{socket.gethostname()}-"
+    for name in os.listdir(os.path.dirname(out)):
+        pid = name[len(prefix):]
+        if name.startswith(prefix) and pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(os.path.join(os.path.dirname(out), name), ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _build(out: str, vocab_size: int, verbose: bool, final: str) -> None:
+    from llama_jax.training import data
+
     os.makedirs(out, exist_ok=True)
     log = print if verbose else (lambda *a, **k: None)
-    log(f"building the built-in corpus (Python standard library docstrings) in {out} ...")
+    log(f"building the built-in corpus (Python standard library docstrings) in {final} ...")
     docs = list(iter_documents())
     text_path = os.path.join(out, "corpus.txt")
     with io.open(text_path, "w", encoding="utf-8") as f:
@@ -109,4 +152,12 @@ def ensure_default_corpus(vocab_size: int, cache_dir: str | None = None, verbose
                            source=f"{CORPUS_VERSION} sha256:{digest}", total=len(docs), progress=verbose)
     with open(os.path.join(out, "corpus.json"), "w") as f:
         json.dump({"version": CORPUS_VERSION, "documents": len(docs), "sha256": digest}, f)
-    return out
+
+
+def fingerprint(path: str) -> str:
+    """What must be equal on every host of a run on the built-in corpus: its meta.json and its tokenizer."""
+    h = hashlib.sha256()
+    for name in ("meta.json", "tokenizer.model"):
+        with open(os.path.join(path, name), "rb") as f:
+            h.update(f.read())
+    return h.hexdigest()

@@ -23,13 +23,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import sys
 from typing import Any, Dict, Iterable, Iterator, Mapping, Optional
 
 import numpy as np
 
 from llama_jax.errors import DataError, LlamaJaxError, TokenizerError
+from llama_jax.io.source import copy_files
 
 FORMAT = "llama_jax-tokens-v1"
 
@@ -37,7 +37,10 @@ FORMAT = "llama_jax-tokens-v1"
 # ---------------------------------------------------------------------------------------------- tokenizer
 def load_text_tokenizer(path: str):
     """A tokenizer from a `tokenizer.model` file or a checkpoint directory (via `llama_jax.load_tokenizer`
-    when the package has it; a plain SentencePiece file otherwise)."""
+    when the package has it; a plain SentencePiece file otherwise), or hf://ORG/NAME on the Hugging Face Hub."""
+    from llama_jax.io.hub import resolve
+
+    path = resolve(path)
     if not os.path.exists(path):
         raise DataError(f"{path}: tokenizer not found (expected a tokenizer.model file or a checkpoint directory)")
     from llama_jax.text.tokenizer import load_tokenizer
@@ -141,6 +144,7 @@ def write_token_files(out_dir: str, records: Iterable[Mapping[str, Any]], tokeni
     masks = {s: open(os.path.join(out_dir, f"{s}.mask.bin"), "wb") for s in ("train", "val")}
     starts = {"train": [], "val": []}
     count = {"train": 0, "val": 0}
+    top = {"train": -1, "val": -1}  # the largest id of each split, checked against the model when a run starts
     any_masked = False
     try:
         for i, rec in enumerate(tqdm(records, total=total, desc="tokenizing", unit="doc", disable=not progress)):
@@ -148,6 +152,7 @@ def write_token_files(out_dir: str, records: Iterable[Mapping[str, Any]], tokeni
             split = "val" if val_every and i % val_every == val_every - 1 else "train"
             starts[split].append(count[split])
             count[split] += len(toks)
+            top[split] = max(top[split], max(toks, default=-1))
             files[split].write(np.asarray(toks, dtype).tobytes())
             masks[split].write(np.asarray(mask, np.uint8).tobytes())
             any_masked |= not all(mask[1:])
@@ -159,7 +164,7 @@ def write_token_files(out_dir: str, records: Iterable[Mapping[str, Any]], tokeni
         np.save(os.path.join(out_dir, f"{s}.docs.npy"), np.asarray(starts[s], np.int64))
         if not any_masked:
             os.remove(os.path.join(out_dir, f"{s}.mask.bin"))
-        splits[s] = {"tokens": count[s], "docs": len(starts[s])}
+        splits[s] = {"tokens": count[s], "docs": len(starts[s]), "max_id": int(top[s])}
     tok_path = getattr(tokenizer, "path", None)
     if tok_path and os.path.isfile(tok_path):
         copy_tokenizer_files(os.path.dirname(os.path.abspath(tok_path)), out_dir, os.path.basename(tok_path))
@@ -177,12 +182,11 @@ TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json",
 def copy_tokenizer_files(src_dir: str, dst_dir: str, main_file: Optional[str] = None) -> None:
     """Copy the tokenizer files of `src_dir` (the model file, and the configs that carry special tokens and
     chat templates) into `dst_dir`; with `main_file`, only that one of tokenizer.model / tokenizer.json."""
-    for name in TOKENIZER_FILES:
-        if main_file and name in ("tokenizer.model", "tokenizer.json") and name != main_file:
-            continue
-        src, dst = os.path.join(src_dir, name), os.path.join(dst_dir, name)
-        if os.path.isfile(src) and os.path.abspath(src) != os.path.abspath(dst):
-            shutil.copy(src, dst)
+    if os.path.realpath(src_dir) == os.path.realpath(dst_dir):
+        return
+    names = [n for n in TOKENIZER_FILES if os.path.lexists(os.path.join(src_dir, n))
+             and not (main_file and n in ("tokenizer.model", "tokenizer.json") and n != main_file)]
+    copy_files(src_dir, dst_dir, names)  # refuses a link that leaves src_dir (io/source.py: inside)
 
 
 def has_tokenizer(path: str) -> bool:
@@ -200,6 +204,22 @@ def read_meta(path: str) -> dict:
     if meta.get("format") != FORMAT:
         raise DataError(f"{meta_path}: format {meta.get('format')!r}, expected {FORMAT!r}")
     return meta
+
+
+def max_token_id(path: str, split: str, meta: dict) -> int:
+    """The largest token id in `{split}.bin` (-1 when empty): the one meta.json recorded at prepare time while
+    the file still holds the number of tokens recorded with it, else read from the file (memory-mapped, 64M
+    tokens at a time; data prepared before the id was recorded, or a file changed since)."""
+    info = meta.get("splits", {}).get(split, {})
+    bin_path = os.path.join(path, f"{split}.bin")
+    size = os.path.getsize(bin_path) if os.path.isfile(bin_path) else -1
+    if info.get("max_id") is not None and size == info.get("tokens", -1) * np.dtype(meta["dtype"]).itemsize:
+        return int(info["max_id"])
+    tokens = np.memmap(bin_path, dtype=meta["dtype"], mode="r") if size > 0 else np.zeros(0, np.uint16)
+    top, chunk = -1, 1 << 26
+    for start in range(0, len(tokens), chunk):
+        top = max(top, int(tokens[start:start + chunk].max()))
+    return top
 
 
 # ---------------------------------------------------------------------------------------------- reading
@@ -310,16 +330,24 @@ def main(argv=None):
     sub = parser.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser("prepare", help="tokenize .txt / .jsonl files into a token directory")
     p.add_argument("inputs", nargs="+", help=".txt files (documents = paragraphs or whole files) or .jsonl "
-                   "records with 'text', 'prompt'+'completion' or chat 'messages'")
-    p.add_argument("--tokenizer", required=True, help="a checkpoint directory or a tokenizer.model file")
+                   "records with 'text', 'prompt'+'completion' or chat 'messages'; or preference pairs for "
+                   "DPO: 'prompt' (or 'messages') + 'chosen' + 'rejected'")
+    p.add_argument("--tokenizer", required=True,
+                   help="a checkpoint directory, a tokenizer.model file, or hf://ORG/NAME")
     p.add_argument("--out", required=True, help="output token directory")
-    p.add_argument("--val_every", type=int, default=100, help="every N-th document goes to the val split")
-    p.add_argument("--text_docs", choices=("paragraph", "file"), default="paragraph")
+    p.add_argument("--val-every", type=int, default=100, help="every N-th document goes to the val split")
+    p.add_argument("--text-docs", choices=("paragraph", "file"), default="paragraph")
+    # the old underscore spellings, accepted quietly (not in --help)
+    p.add_argument("--val_every", type=int, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    p.add_argument("--text_docs", choices=("paragraph", "file"), default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     try:
         tok = load_text_tokenizer(args.tokenizer)
-        meta = write_token_files(args.out, _read_inputs(args.inputs, args.text_docs), tok, args.val_every,
-                                 source=" ".join(args.inputs))
+        from llama_jax.training import preference_data  # records with chosen/rejected: DPO pairs
+        meta, records = preference_data.prepare(_read_inputs(args.inputs, args.text_docs), args.out, tok,
+                                                args.val_every, " ".join(args.inputs))
+        if meta is None:
+            meta = write_token_files(args.out, records, tok, args.val_every, source=" ".join(args.inputs))
     except LlamaJaxError as e:  # the user's inputs: one line, no traceback
         sys.exit(f"error: {e}")
     print(json.dumps(meta["splits"]))

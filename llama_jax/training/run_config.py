@@ -59,6 +59,12 @@ class LoraSection:
     rank: int = 0                 # 0: full fine-tuning (no LoRA)
     alpha: float = 16.0
     targets: Tuple[str, ...] = ("q", "k", "v", "o")  # any of q, k, v, o, gate, up, down
+    base_quant: str = "none"      # QLoRA: the frozen base stored as int8 or nf4 (4-bit NormalFloat); none: float
+
+
+@dataclasses.dataclass
+class DpoSection:
+    beta: float = 0.1             # DPO's KL strength: loss = -log sigmoid(beta * (policy - reference) margin)
 
 
 @dataclasses.dataclass
@@ -75,6 +81,9 @@ class RunConfig:
     log_every: int = 1
     eval_every: int = 50          # 0 disables periodic evaluation
     eval_batches: int = 4
+    eval_tasks: Tuple[str, ...] = ()  # lm-eval tasks run on the final params (llama_jax.eval), e.g. arc_easy,hellaswag
+    eval_limit: float = 0.0       # documents per lm-eval task (0: all; a fraction when < 1)
+    eval_include_path: str = ""   # a folder of local lm-eval task YAMLs
     peak_flops: float = 0.0       # per device, for MFU; 0: look the device kind up in llama_jax.model.flops
     sample_tokens: int = 48       # length of the sample printed at the end (0: none)
     sample_prompt: str = "The"
@@ -83,6 +92,8 @@ class RunConfig:
     optim: OptimSection = dataclasses.field(default_factory=OptimSection)
     mesh: MeshSection = dataclasses.field(default_factory=MeshSection)
     lora: LoraSection = dataclasses.field(default_factory=LoraSection)
+    objective: str = "sft"        # sft: next-token cross entropy; dpo: preference pairs (data from prepare)
+    dpo: DpoSection = dataclasses.field(default_factory=DpoSection)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -187,12 +198,26 @@ def apply_overrides(cfg: RunConfig, overrides, parse: bool = True) -> RunConfig:
     return validate(cfg)
 
 
+def _get(cfg: RunConfig, key: str):
+    for part in key.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
+
+
 def validate(cfg: RunConfig) -> RunConfig:
     """Cross-field checks that need no devices (device-dependent checks happen in the trainer)."""
     for key in ("steps", "batch_size", "seq_len", "grad_accum", "checkpoint_every", "keep_checkpoints",
                 "log_every"):
         if getattr(cfg, key) <= 0:
             raise RunConfigError(f"{key}={getattr(cfg, key)}: expected a positive integer")
+    for key in ("seed", "eval_every", "eval_batches", "optim.lr", "optim.warmup_steps", "data.threads",
+                "data.prefetch"):
+        value = _get(cfg, key)
+        if not value >= 0:  # also refuses a NaN learning rate
+            raise RunConfigError(f"{key}={value}: expected a value >= 0")
+    for key in ("optim.b1", "optim.b2"):
+        if not 0 <= _get(cfg, key) < 1:
+            raise RunConfigError(f"{key}={_get(cfg, key)}: expected a value in [0, 1) (Adam's decay rate)")
     if cfg.batch_size % cfg.grad_accum:
         raise RunConfigError(f"batch_size={cfg.batch_size} is not divisible by grad_accum={cfg.grad_accum}")
     bad = sorted(set(cfg.lora.targets) - {"q", "k", "v", "o", "gate", "up", "down"})
@@ -200,6 +225,19 @@ def validate(cfg: RunConfig) -> RunConfig:
         raise RunConfigError(f"lora.targets: unknown projection(s) {bad}; choose from q,k,v,o,gate,up,down")
     if cfg.lora.rank < 0:
         raise RunConfigError(f"lora.rank={cfg.lora.rank}: expected >= 0")
+    if cfg.lora.base_quant not in ("none", "int8", "nf4"):
+        raise RunConfigError(f"lora.base_quant={cfg.lora.base_quant!r}: expected none, int8 or nf4")
+    if cfg.lora.base_quant != "none" and cfg.lora.rank == 0:
+        raise RunConfigError(f"lora.base_quant={cfg.lora.base_quant}: a quantized base needs LoRA (lora.rank > 0)")
+    if cfg.objective not in ("sft", "dpo"):
+        raise RunConfigError(f"objective={cfg.objective!r}: expected sft or dpo")
+    if cfg.objective == "dpo" and (cfg.batch_size // cfg.grad_accum) % 2:
+        raise RunConfigError(f"objective=dpo: batch_size={cfg.batch_size} / grad_accum={cfg.grad_accum} must be "
+                             "even (each preference pair is two sequences: chosen and rejected)")
+    if cfg.dpo.beta <= 0:
+        raise RunConfigError(f"dpo.beta={cfg.dpo.beta}: expected > 0")
+    if cfg.eval_limit < 0:
+        raise RunConfigError(f"eval_limit={cfg.eval_limit}: expected 0 (all documents), a count, or a fraction < 1")
     return cfg
 
 

@@ -11,6 +11,7 @@ import jax
 
 from llama_jax.config import LlamaConfig
 from llama_jax.errors import MeshError, TrainError
+from llama_jax.parallel import distributed
 from llama_jax.parallel.sharding import batch_shards, make_mesh, mesh_axes_of, param_shardings
 from llama_jax.training import data as data_lib
 from llama_jax.training.run_config import RunConfig
@@ -63,23 +64,38 @@ def _data_path(cfg: RunConfig, model: LlamaConfig) -> str:
             raise TrainError(f"data.path={cfg.data.path!r}: directory not found (make one with "
                              "`python -m llama_jax.data prepare --tokenizer TOK --out DIR FILES...`)")
         return cfg.data.path
-    if jax.process_count() > 1:
-        raise TrainError("the built-in corpus is for single-process runs; give data.path for multi-host runs")
-    return corpus.ensure_default_corpus(model.vocab_size, verbose=jax.process_index() == 0)
+    # every process builds it (deterministically; once per host or shared cache) and checks all got the same
+    path = corpus.ensure_default_corpus(model.vocab_size, verbose=jax.process_index() == 0)
+    differ = distributed.differing_processes(corpus.fingerprint(path))
+    if differ:
+        raise TrainError(f"{path}: the built-in corpus built by process(es) {differ} differs from process 0's "
+                         "(another Python version?); give data.path, a token directory every host can read")
+    return path
 
 
 def _check_data(cfg: RunConfig, model: LlamaConfig, data_path: str) -> dict:
     """The token directory's meta.json, once its splits hold a sequence and its vocabulary fits the model."""
     try:
         meta = data_lib.read_meta(data_path)
+        from llama_jax.training.preference_data import PreferencePairs
+        source = PreferencePairs if cfg.objective == "dpo" else data_lib.PackedSequences
         for split in (cfg.data.train_split,) + ((cfg.data.eval_split,) if cfg.eval_every else ()):
-            data_lib.PackedSequences(data_path, split, cfg.seq_len)  # checks files and length now
+            source(data_path, split, cfg.seq_len)  # checks files and length now
     except data_lib.DataError as e:
         raise TrainError(str(e)) from None
+    if meta.get("kind") == "preference" and cfg.objective != "dpo":
+        raise TrainError(f"{data_path}: preference pairs (chosen/rejected) train with objective=dpo, not "
+                         f"objective={cfg.objective}")
     if meta["vocab_size"] > model.vocab_size:
         raise TrainError(f"{data_path}: the tokenizer has {meta['vocab_size']} tokens but the model's vocabulary "
                          f"has {model.vocab_size} ({cfg.init_from or 'preset ' + cfg.model.preset}); tokenize with "
                          "the model's tokenizer or set model.vocab_size")
+    for split in (cfg.data.train_split,) + ((cfg.data.eval_split,) if cfg.eval_every else ()):
+        top = data_lib.max_token_id(data_path, split, meta)  # an id past the vocabulary trains into NaN later
+        if top >= model.vocab_size:
+            raise TrainError(f"{os.path.join(data_path, split + '.bin')}: holds token id {top}, outside the model's "
+                             f"vocabulary of {model.vocab_size} (ids 0..{model.vocab_size - 1}); tokenize with the "
+                             "model's tokenizer or set model.vocab_size")
     return meta
 
 
@@ -103,6 +119,7 @@ def _init_config(path: str) -> LlamaConfig:
     """The model config of an init_from checkpoint, read from its metadata (no weights are loaded)."""
     from llama_jax.io import checkpoint, formats
 
+    path = formats.resolve(path)  # hf://org/name: a local snapshot in the Hugging Face cache
     if not os.path.isdir(path):
         raise TrainError(f"init_from={path!r}: not found (expected a llama_jax checkpoint, a training workdir, or "
                          "a Hugging Face / Meta directory)")
