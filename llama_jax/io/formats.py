@@ -15,7 +15,8 @@ from typing import Callable, List, Optional, Tuple
 
 from llama_jax.config import LlamaConfig
 from llama_jax.errors import ConfigError, ConversionError
-from llama_jax.io import checkpoint
+from llama_jax.io import checkpoint, hub
+from llama_jax.io.gguf import GGUFSource, is_gguf
 from llama_jax.io.hf import HFSource, is_hf_dir
 from llama_jax.io.meta import MetaSource, is_meta_dir
 from llama_jax.io.source import Source, check_source
@@ -41,10 +42,17 @@ def register(fmt: Format, first: bool = False) -> None:
     FORMATS.insert(0, fmt) if first else FORMATS.append(fmt)
 
 
+def resolve(path) -> str:
+    """The local directory `path` names: hf://org/name[@revision] is fetched through the Hugging Face cache
+    (io/hub.py); any other path is returned as it is."""
+    return hub.resolve(path)
+
+
 def find(path: str) -> Format:
     """The first registered format whose `detect(path)` holds; ConversionError naming the known kinds if none."""
-    if not os.path.isdir(path):
-        raise ConversionError(f"{path}: no such directory")
+    path = resolve(path)
+    if not os.path.isdir(path) and not os.path.isfile(path):  # a file: one-file formats (GGUF)
+        raise ConversionError(f"{path}: no such {'file' if path.endswith('.gguf') else 'directory'}")
     for fmt in FORMATS:
         if fmt.detect(path):
             return fmt
@@ -54,7 +62,7 @@ def find(path: str) -> Format:
 
 def open_source(path) -> Source:
     """The tensor Source of a convertible directory, checked against the spec (every name and shape)."""
-    path = os.fspath(path)
+    path = resolve(path)
     fmt = find(path)
     if fmt.source is None:
         readable = "; ".join(f.description for f in FORMATS if f.source is not None)
@@ -80,6 +88,7 @@ register(Format("llama_jax", "a llama_jax checkpoint (llama_jax.json + params/)"
 register(Format("huggingface", "a Hugging Face directory (config.json + model.safetensors or an index)", is_hf_dir,
                 source=HFSource))
 register(Format("meta", "a Meta directory (params.json + consolidated.NN.pth)", is_meta_dir, source=MetaSource))
+register(Format("gguf", "a GGUF file (llama.cpp / Ollama, general.architecture = llama)", is_gguf, source=GGUFSource))
 # A training workdir (train.py's WORKDIR): its final params are the llama_jax checkpoint in WORKDIR/export.
 register(Format("workdir", "a training workdir (WORKDIR/export written by train.py)",
                 lambda path: checkpoint.is_checkpoint(_training_workdir_export(path)), load=_load_training_workdir))
