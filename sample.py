@@ -9,7 +9,7 @@ import argparse
 import os
 import sys
 
-from llama_jax.errors import LlamaJaxError, SamplingError  # no jax: the huge-page re-exec below comes first
+from llama_jax.errors import LlamaJaxError, SamplingError, plural  # no jax: the huge-page re-exec below comes first
 
 DEFAULT_CHECKPOINT = os.path.join("runs", "default")
 
@@ -21,6 +21,10 @@ def parse_args(argv=None):
     p.add_argument("--prompts-file", default=None, help="a file of prompts, one per line, sampled as a batch")
     p.add_argument("--chat", action="store_true", help="wrap each prompt in the checkpoint's chat format")
     p.add_argument("--system", default=None, help="system prompt for --chat")
+    p.add_argument("--prefix", default=None, help="Code Llama infilling: the text before the gap (prints the middle)")
+    p.add_argument("--suffix", default=None, help="Code Llama infilling: the text after the gap")
+    p.add_argument("--prefix-file", default=None, help="--prefix read from a file")
+    p.add_argument("--suffix-file", default=None, help="--suffix read from a file")
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
     p.add_argument("--top-k", type=int, default=None, help="keep the k most likely tokens (default: off)")
@@ -51,6 +55,34 @@ def read_prompts(args):
     return ["Hello!" if args.chat else "The"]
 
 
+def check_knobs(args):
+    """The sampling flags, checked before the checkpoint loads (--temperature nan, --top-k 2**31, --seed 2**63
+    would fail deep inside jax)."""
+    from llama_jax.sampling.strategies import check_seed, make_strategy
+
+    try:
+        make_strategy(args.temperature, args.top_k, args.top_p)
+        check_seed(args.seed)
+    except SamplingError as e:  # name the flag as the user typed it
+        raise SamplingError(f"--{str(e).replace('_', '-')}") from None
+    if args.max_new_tokens < 1:
+        raise SamplingError(f"--max-new-tokens {args.max_new_tokens}: expected a positive number of tokens")
+
+
+def read_infill(args):
+    """(prefix, suffix) when any infilling flag is given (a missing side is empty), else None."""
+    texts = []
+    for name in ("prefix", "suffix"):
+        text, file = getattr(args, name), getattr(args, f"{name}_file")
+        if text is not None and file is not None:
+            raise SamplingError(f"--{name} and --{name}-file: give one of them")
+        if file is not None:
+            with open(file, encoding="utf-8") as f:
+                text = f.read()
+        texts.append(text)
+    return None if texts == [None, None] else tuple(t or "" for t in texts)
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.aot:
@@ -59,7 +91,7 @@ def main(argv=None) -> int:
                               batch=args.batch, context=args.context, int8=args.int8,
                               tensor=args.tensor if args.tensor > 1 else -1)
     checkpoint = args.checkpoint or DEFAULT_CHECKPOINT
-    if not os.path.isdir(checkpoint):
+    if not os.path.isdir(checkpoint) and not checkpoint.startswith("hf://"):  # hf://org/name: fetched on load
         if args.checkpoint is None:
             print(f"error: no checkpoint at {DEFAULT_CHECKPOINT}: run `python train.py` first (or pass "
                   "--checkpoint DIR)", file=sys.stderr)
@@ -68,6 +100,8 @@ def main(argv=None) -> int:
         return 2
     try:
         prompts = read_prompts(args)
+        infill = read_infill(args)
+        check_knobs(args)
         from llama_jax import Sampler
 
         mesh = None
@@ -77,12 +111,14 @@ def main(argv=None) -> int:
             from llama_jax.parallel.sharding import make_mesh
 
             if args.tensor > len(jax.devices()):
-                raise SamplingError(f"--tensor {args.tensor}: only {len(jax.devices())} devices")
+                raise SamplingError(f"--tensor {args.tensor}: only {plural(len(jax.devices()), 'device')}")
             mesh = make_mesh(fsdp=1, tensor=args.tensor, devices=jax.devices()[:args.tensor])
         sampler = Sampler.load(checkpoint, mesh=mesh, int8=args.int8, dtype=args.dtype)
         knobs = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                      top_p=args.top_p, seed=args.seed)
-        if args.chat:
+        if infill is not None:  # Code Llama fill-in-the-middle: print the middle only
+            print(sampler.infill(*infill, **knobs))
+        elif args.chat:
             system = [{"role": "system", "content": args.system}] if args.system else []
             conversations = [system + [{"role": "user", "content": p}] for p in prompts]
             if len(prompts) == 1:
@@ -122,6 +158,8 @@ class _Echo:
 
 if __name__ == "__main__":
     from llama_jax.cpu.host_memory import reexec_with_huge_pages
+    from llama_jax.cpu.platform import cpu_unless_accelerator
 
+    cpu_unless_accelerator()  # libtpu installed on a host without a TPU: no TPU probe (llama_jax/cpu/platform.py)
     reexec_with_huge_pages()  # huge pages for XLA:CPU's per-call buffers (see llama_jax/host_memory.py)
     sys.exit(main())

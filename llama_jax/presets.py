@@ -30,6 +30,20 @@ PRESETS = {
     "codellama-13b": dict(_CODELLAMA, **_shape(5120, 13824, 40, 40, 40)),
     "codellama-34b": dict(_CODELLAMA, vocab_size=32000, **_shape(8192, 22016, 48, 64, 8)),
     "codellama-70b": dict(_CODELLAMA, **_shape(8192, 28672, 80, 64, 8)),
+    # Code Llama Python (7B/13B) was not trained to infill: no infilling tokens, vocab 32000; Instruct keeps them.
+    "codellama-7b-python": dict(_CODELLAMA, vocab_size=32000, **_shape(4096, 11008, 32, 32, 32)),
+    "codellama-7b-instruct": dict(_CODELLAMA, **_shape(4096, 11008, 32, 32, 32)),
+    "codellama-13b-python": dict(_CODELLAMA, vocab_size=32000, **_shape(5120, 13824, 40, 40, 40)),
+    "codellama-13b-instruct": dict(_CODELLAMA, **_shape(5120, 13824, 40, 40, 40)),
+    "codellama-34b-python": dict(_CODELLAMA, vocab_size=32000, **_shape(8192, 22016, 48, 64, 8)),
+    "codellama-34b-instruct": dict(_CODELLAMA, vocab_size=32000, **_shape(8192, 22016, 48, 64, 8)),
+    "codellama-70b-python": dict(_CODELLAMA, **_shape(8192, 28672, 80, 64, 8)),
+    "codellama-70b-instruct": dict(_CODELLAMA, **_shape(8192, 28672, 80, 64, 8)),
+    # Llama Guard: llama_models.sku_list's arch_args (Guard 3 8B and Guard 2 8B: use_scaled_rope False). Guard 2
+    # is a Llama 3 8B with the Llama 3 tokenizer: vocab 128256 as its config.json (sku_list's 32000 is a slip).
+    "llama-guard-3-1b": dict(_LLAMA32, head_dim=64, **_shape(2048, 8192, 16, 32, 8)),
+    "llama-guard-3-8b": dict(_LLAMA31, rope_scaling=None, **_shape(4096, 14336, 32, 32, 8)),
+    "llama-guard-2-8b": dict(_LLAMA3, **_shape(4096, 14336, 32, 32, 8)),
     "llama3-8b": dict(_LLAMA3, **_shape(4096, 14336, 32, 32, 8)),
     "llama3-70b": dict(_LLAMA3, **_shape(8192, 28672, 80, 64, 8)),
     "llama3.1-8b": dict(_LLAMA31, **_shape(4096, 14336, 32, 32, 8)),

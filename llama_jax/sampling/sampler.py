@@ -4,6 +4,7 @@
     sampler.generate(["Once upon a time"], max_new_tokens=64, temperature=0.8, top_p=0.95)
     sampler.generate("The", strategy=Sample((Temperature(0.7), TopK(40))))
     sampler.chat([{"role": "user", "content": "Hi!"}])
+    sampler.infill("def f(x):\n    ", "\n    return y\n")   # Code Llama fill-in-the-middle
 
 Every method takes either `strategy=` (an object from strategies.py) or the knobs of
 `strategies.make_strategy` as keywords (temperature, top_k, top_p), over each method's own defaults.
@@ -26,6 +27,7 @@ from llama_jax.sampling.stream import TextStream, decode_continuation
 
 GENERATE_KNOBS = {"temperature": 0.8, "top_p": 0.95}  # defaults of generate / generate_ids
 CHAT_KNOBS = {"temperature": 0.6, "top_p": 0.9}  # a chat reply: cooler, a narrower nucleus
+INFILL_KNOBS = {"temperature": 0.6, "top_p": 0.9}  # Meta's text_infilling defaults
 
 
 def _on_cpu(params) -> bool:
@@ -82,13 +84,15 @@ class Sampler:
     @classmethod
     def load(cls, path, mesh=None, int8: bool = False, dtype: Optional[str] = None,
              per_layer: Optional[bool] = None) -> "Sampler":
-        """A llama_jax checkpoint, Hugging Face or Meta directory (with its tokenizer files). With `mesh` the
-        weights are loaded sharded over it; `int8` stores the matmul weights as int8 (about half of bf16);
-        `per_layer`: see the class."""
+        """A llama_jax checkpoint, Hugging Face or Meta directory (with its tokenizer files), or hf://org/name.
+        With `mesh` the weights are loaded sharded over it; `int8` stores the matmul weights as int8 (about half
+        of bf16); `per_layer`: see the class."""
         import llama_jax
         from llama_jax.text.tokenizer import load_tokenizer
 
-        path = os.fspath(path)
+        from llama_jax.io.formats import resolve
+
+        path = resolve(path)  # hf://org/name[@revision]: a local snapshot in the Hugging Face cache
         if not os.path.isdir(path):
             raise SamplingError(f"Sampler.load: {path!r} is not a directory (expected a llama_jax checkpoint, or a "
                                 "Hugging Face or Meta model directory)")
@@ -153,6 +157,28 @@ class Sampler:
         out = self._run(ids, max_new_tokens, strategy, seed, stream)
         replies = [self.tokenizer.decode(o).strip() for o in out]
         return replies[0] if single else replies
+
+    def infill(self, prefix: Union[str, Sequence[str]], suffix: Union[str, Sequence[str]], max_new_tokens: int = 128,
+               *, suffix_first: bool = False, strategy: Optional[Strategy] = None, seed: int = 0,
+               **knobs) -> Union[str, List[str]]:
+        """Code Llama fill-in-the-middle: the text between `prefix` and `suffix` (strings, or equal-length lists
+        of them: one batch), so prefix + middle + suffix is the file. Prompts as Meta builds them
+        (`tokenizer.encode_infill`); the middle ends at ▁<EOT> or EOS. Knobs default to temperature 0.6,
+        top_p 0.9 (Meta's text_infilling)."""
+        strategy = resolve_strategy(strategy, knobs, INFILL_KNOBS)
+        single = isinstance(prefix, str)
+        if single != isinstance(suffix, str):
+            raise SamplingError("infill: give prefix and suffix both as strings or both as lists")
+        prefixes, suffixes = ([prefix], [suffix]) if single else (list(prefix), list(suffix))
+        if len(prefixes) != len(suffixes) or not prefixes:
+            raise SamplingError(f"infill: {len(prefixes)} prefixes and {len(suffixes)} suffixes; expected the same "
+                                "number, at least one")
+        ids = [self.tokenizer.encode_infill(p, s, suffix_first=suffix_first) for p, s in zip(prefixes, suffixes)]
+        stops = tuple(sorted(set(self.stop_ids) | {self.tokenizer.infill_ids()[3]}))
+        out = generate_ids(self.params, self.config, ids, max_new_tokens=max_new_tokens, strategy=strategy,
+                           seed=seed, stop_ids=stops, mesh=self.mesh)
+        middles = [self.tokenizer.decode_infill(o) for o in out]
+        return middles[0] if single else middles
 
     def _run(self, prompt_ids, max_new_tokens: int, strategy: Strategy, seed: int,
              stream: Optional[Callable[[str], None]], stream_prefix: Sequence[int] = ()) -> List[List[int]]:
