@@ -30,7 +30,7 @@ def abstract_bytes_per_device(tree) -> int:
     total = 0
     for leaf in jax.tree.leaves(tree):
         shape = leaf.sharding.shard_shape(leaf.shape) if getattr(leaf, "sharding", None) else leaf.shape
-        total += math.prod(shape) * jnp.dtype(leaf.dtype).itemsize
+        total += math.prod(shape) * jax.dtypes.itemsize_bits(leaf.dtype) // 8  # uint4 (NF4 codes): half a byte
     return total
 
 

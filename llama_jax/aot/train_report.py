@@ -52,9 +52,10 @@ def _abstract_batch(batch_size: int, seq_len: int, sharding) -> dict:
 
 def compile_train(run_config, topology: str, recipe: str = "") -> TrainReport:
     """Compile the train step of `run_config` (a RunConfig) for the TPU slice `topology`: the same optimizer,
-    shardings, remat, scan, gradient accumulation, LoRA and donation as `training.loop.train`, built by the
-    same functions, on abstract inputs."""
+    shardings, remat, scan, gradient accumulation, LoRA (and QLoRA's quantized base), objective (DPO) and
+    donation as `training.loop.train`, built by the same functions, on abstract inputs."""
     from llama_jax.model import flops as flops_lib
+    from llama_jax.training import dpo
     from llama_jax.training import step as ts
     from llama_jax.training.optim import build_optimizer
     from llama_jax.training.setup import Setup, model_config
@@ -77,17 +78,16 @@ def compile_train(run_config, topology: str, recipe: str = "") -> TrainReport:
     except MeshError as e:
         raise AotError(f"{recipe or 'config'} does not fit mesh {dict(mesh.shape)}: {e}") from None
     sh = model.state_shardings
-    frozen = None
-    if model.lora:
-        from llama_jax.model.transformer import param_shapes
-        frozen = abstract(param_shapes(config), sh.frozen)
+    # the frozen tree: LoRA's base (quantized for QLoRA) or DPO's reference copy
+    frozen = None if model.frozen_shapes is None else abstract(model.frozen_shapes, sh.frozen)
     state = ts.TrainState(step=jax.ShapeDtypeStruct((), jnp.int32, sharding=sh.step),
                           params=abstract(model.shapes, sh.params),
                           opt_state=abstract(jax.eval_shape(optimizer.init, model.shapes), sh.opt_state),
                           frozen=frozen)
     batch = _abstract_batch(cfg.batch_size, cfg.seq_len, batch_sharding(mesh, DEFAULT_RULES))
     step_fn = ts.make_train_step(config, optimizer, mesh, shardings=sh, schedule=schedule,
-                                 accum_steps=cfg.grad_accum, combine=model.combine)
+                                 accum_steps=cfg.grad_accum, combine=model.combine,
+                                 objective=dpo.objective(cfg, config))
     inputs = {"params": abstract_bytes_per_device(state.params),
               "opt_state": abstract_bytes_per_device(state.opt_state), "batch": abstract_bytes_per_device(batch)}
     if frozen is not None:

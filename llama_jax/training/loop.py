@@ -1,6 +1,6 @@
 """The training loop of one run, from a RunConfig: `train(cfg) -> Result`.
 
-`train` runs four stages, each in its own file:
+`train` runs these stages, each in its own file:
     setup    training/setup.py    data (the built-in corpus when no path is given), model config (a preset or
                                   init_from's checkpoint) and mesh, checked against each other before anything
                                   is compiled
@@ -9,6 +9,7 @@
     loop     here                 next batch -> jitted step -> metrics -> periodic eval -> checkpoint
     export   training/export.py   the final params as a llama_jax checkpoint (WORKDIR/export, with the
                                   tokenizer) and a short greedy sample
+    eval     training/eval_tasks.py   with eval_tasks=..., lm-eval tasks on the final params (llama_jax.eval)
 The optimizer comes from training/optim.py's `build_optimizer`, as in the ahead-of-time compile.
 """
 
@@ -29,6 +30,8 @@ from llama_jax.errors import TrainError
 from llama_jax.model import flops as flops_lib
 from llama_jax.parallel import distributed
 from llama_jax.training import data as data_lib
+from llama_jax.training import dpo
+from llama_jax.training import eval_tasks
 from llama_jax.training import step as ts
 from llama_jax.training.checkpoints import RunCheckpointer
 from llama_jax.training.export import export_run
@@ -54,6 +57,8 @@ def train(cfg: RunConfig, progress: bool = True, export: bool = True, sample: bo
     main = jax.process_index() == 0
     say = print if main else (lambda *a, **k: None)
     setup = resolve(cfg, say)
+    if cfg.eval_tasks:
+        eval_tasks.check(setup)  # a misspelt lm-eval task fails before the first step, not after the run
     optimizer, schedule = build_optimizer(cfg)
     model = Model(setup, optimizer)
     ckpt = RunCheckpointer(cfg.workdir, keep=cfg.keep_checkpoints)
@@ -61,13 +66,15 @@ def train(cfg: RunConfig, progress: bool = True, export: bool = True, sample: bo
     state, start, data_state = start_state(setup, model, optimizer, ckpt, saved_config, say)
 
     rows = distributed.process_batch_rows(setup.mesh, cfg.batch_size)
-    train_ds = data_lib.make_dataset(setup.data_path, cfg.data.train_split, cfg.seq_len, cfg.batch_size, cfg.seed,
+    train_ds = dpo.dataset_fn(cfg)(setup.data_path, cfg.data.train_split, cfg.seq_len, cfg.batch_size, cfg.seed,
                                      rows)
     it = data_lib.make_iterator(train_ds, data_state, cfg.data.threads, cfg.data.prefetch)
     step_fn = ts.make_train_step(setup.model, optimizer, setup.mesh, shardings=model.state_shardings,
-                                 schedule=schedule, accum_steps=cfg.grad_accum, combine=model.combine)
+                                 schedule=schedule, accum_steps=cfg.grad_accum, combine=model.combine,
+                                 objective=dpo.objective(cfg, setup.model))
     eval_fn = ts.make_eval_step(setup.model, setup.mesh, params_shardings=model.shardings, combine=model.combine,
-                                frozen_shardings=model.state_shardings.frozen) if cfg.eval_every else None
+                                frozen_shardings=model.state_shardings.frozen,
+                                objective=dpo.objective(cfg, setup.model)) if cfg.eval_every else None
     if main:
         _announce(setup, model, saved_config, start, say)
     metrics = MetricsLogger(cfg.workdir, cfg.steps, start, enabled=main, progress=progress)
@@ -77,6 +84,8 @@ def train(cfg: RunConfig, progress: bool = True, export: bool = True, sample: bo
         state, losses, stopped = loop.run(state, start, stop)
         # a SIGTERM from here on is ignored: the last checkpoint is written, the export is short
         export_dir = export_run(setup, state, model.lora, sample, say) if export and not stopped else None
+        if cfg.eval_tasks and not stopped:
+            eval_tasks.run(setup, state, model.lora, say)
     return Result(int(state.step), losses, cfg.workdir, export_dir, stopped, state)
 
 
@@ -169,6 +178,7 @@ class Loop:
                "step_time": step_time, "tokens_per_s": self.cfg.batch_size * self.cfg.seq_len / step_time}
         if self.peak:
             row["mfu"] = self.flops_per_token * row["tokens_per_s"] / (self.peak * jax.device_count())
+        row.update({k: float(m[k]) for k in dpo.METRICS if k in m})  # objective=dpo's reward metrics
         if done == start + 1:
             row["first_step_includes_compile"] = True
         self.metrics.log(done, row)
@@ -195,7 +205,7 @@ def evaluate(eval_fn, state, setup: Setup, rows) -> Optional[float]:
     """Token-weighted mean loss over the first eval_batches batches of the held-out split (file order); None
     when the split holds less than one batch."""
     cfg = setup.cfg
-    ds = data_lib.make_dataset(setup.data_path, cfg.data.eval_split, cfg.seq_len, cfg.batch_size, cfg.seed, rows,
+    ds = dpo.dataset_fn(cfg)(setup.data_path, cfg.data.eval_split, cfg.seq_len, cfg.batch_size, cfg.seed, rows,
                                shuffle=False)
     total, weight = 0.0, 0.0
     for i in range(min(cfg.eval_batches, len(ds))):

@@ -2,15 +2,19 @@
 
 For a target kernel W (stacked over layers, e.g. attn/q [L, D, N, H]) with input dims I and output dims O,
 the adapter is A [L, I..., r] and B [L, r, O...]; the adapted kernel is W + (alpha / r) * A @ B. B starts at
-zero, so training starts from the base model exactly. The base stays frozen (`TrainState.frozen`); the
-adapted kernels are formed inside the jitted step (`combine`), and `merge` writes them into a plain
-parameter tree that the converter exports like any other checkpoint.
+zero, so training starts from the base model exactly. The base stays frozen (`TrainState.frozen`), as float
+weights or, for QLoRA, quantized (`model/quantize.py`: int8 or NF4). The trainer's `combine` puts a
+`LoraWeight` where each targeted kernel was: the model reads every kernel through `.astype(compute dtype)`,
+which forms W + delta there, inside the layer scan, one layer at a time (a quantized W is dequantized there
+too), so no adapted or dequantized copy of the whole model exists. `merge` writes the adapted kernels into a
+plain parameter tree that the converter exports like any other checkpoint.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from typing import Dict, Sequence, Tuple
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -19,6 +23,7 @@ from jax.sharding import Mesh, NamedSharding
 from llama_jax.config import LlamaConfig
 from llama_jax.errors import ConfigError
 from llama_jax.model import spec
+from llama_jax.model.quantize import is_quantized
 
 # target -> (module, kernel name, number of input dims after the layer axis), from the spec's LoRA column
 TARGETS: Dict[str, Tuple[str, str, int]] = {t: (p.path[1], p.path[2], p.inputs) for t, p in spec.lora_targets().items()}
@@ -111,11 +116,62 @@ def apply_lora(base: dict, lora: dict, alpha: float) -> dict:
     return {**base, "layers": layers}
 
 
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class LoraWeight:
+    """A targeted kernel as the model sees it during training: `base` W (float, QArray or NF4Array) with its
+    adapters. Under the layer scan each leaf is one layer's: W [I..., O...], a [I..., r], b [r, O...]."""
+
+    base: Any
+    a: jax.Array
+    b: jax.Array
+    scale: float = dataclasses.field(metadata=dict(static=True))
+
+    @property
+    def shape(self):
+        return self.base.shape
+
+    @property
+    def ndim(self) -> int:
+        return len(self.base.shape)
+
+    @property
+    def dtype(self):
+        return self.a.dtype if is_quantized(self.base) else self.base.dtype
+
+    def astype(self, dtype) -> jax.Array:
+        """W + scale * A @ B in `dtype` (float32 sum; rounded to W's dtype first when W is float, as `merge`)."""
+        rank = self.a.shape[-1]
+        d = jnp.dot(self.a.reshape(-1, rank).astype(jnp.float32), self.b.reshape(rank, -1).astype(jnp.float32))
+        w = self.base.astype(jnp.float32) + d.reshape(self.shape) * self.scale
+        return w.astype(dtype if is_quantized(self.base) else self.base.dtype).astype(dtype)
+
+
+def adapted(base: dict, lora: dict, alpha: float) -> dict:
+    """The parameter tree the model runs during training: each targeted kernel a `LoraWeight`."""
+    layers = dict(base["layers"])
+    for module, kernels in lora["layers"].items():
+        mod = dict(layers[module])
+        for name, ab in kernels.items():
+            mod[name] = LoraWeight(mod[name], ab["a"], ab["b"], alpha / ab["a"].shape[-1])
+        layers[module] = mod
+    return {**base, "layers": layers}
+
+
 def make_combine(alpha: float):
     """`combine(lora, base)` for `train_step.make_train_step`: the trained tree is the adapters."""
-    return lambda lora, base: apply_lora(base, lora, alpha)
+    return lambda lora, base: adapted(base, lora, alpha)
 
 
-def merge(base: dict, lora: dict, alpha: float) -> dict:
-    """Adapters folded into the base weights: a plain parameter tree (export it like any checkpoint)."""
+def dequantize(tree: dict, dtype) -> dict:
+    """`tree` with every quantized weight (QArray, NF4Array) dequantized into `dtype`."""
+    return jax.tree.map(lambda x: x.astype(dtype) if is_quantized(x) else x, tree, is_leaf=is_quantized)
+
+
+def merge(base: dict, lora: dict, alpha: float, dtype: Optional[Any] = None) -> dict:
+    """Adapters folded into the base weights: a plain parameter tree (export it like any checkpoint). A
+    quantized base is dequantized into `dtype` first (the run's param dtype; default bfloat16)."""
+    if any(is_quantized(x) for x in jax.tree.leaves(base, is_leaf=is_quantized)):
+        dtype = jnp.dtype(dtype or jnp.bfloat16)
+        return jax.jit(lambda b, l: apply_lora(dequantize(b, dtype), l, alpha))(base, lora)
     return jax.jit(apply_lora, static_argnums=2)(base, lora, alpha)

@@ -14,6 +14,8 @@ A batch is a dict of [B, T] arrays:
 
 The loss is the weighted mean of float32 next-token cross entropy over the whole global batch (sum of
 weighted losses / sum of weights), so k accumulated micro-batches give exactly one k-times-larger batch.
+Another objective (DPO, training/dpo.py) is an `Objective`: it returns the same kind of sums (a total, a
+weight, and named metric sums), so accumulation, the gradient and the metrics stay exact for it too.
 
 The state is a `TrainState` pytree: `params` are the trained leaves (float32 master weights when
 config.param_dtype is float32; the model computes in config.dtype), `opt_state` the optax state, and
@@ -147,16 +149,34 @@ def loss_fn(params, batch: Batch, config: LlamaConfig):
     return _mean(ce_sum, weight_sum), (ce_sum, weight_sum)
 
 
+class Objective:
+    """What a step minimises. `sums(model_params, frozen, batch)` -> (total, weight, {name: sum}) on one
+    (micro-)batch, `batch` as `split_batch` returns it; the loss is total / weight over the whole batch and
+    each named metric is its sum / weight. `group`: rows that must stay in one micro-batch (2 for DPO's
+    chosen/rejected pairs)."""
+
+    group = 1
+
+    def __init__(self, config: LlamaConfig):
+        self.config = config
+
+    def sums(self, model_params, frozen, batch: dict):
+        _, (ce_sum, weight_sum) = loss_fn(model_params, batch, self.config)
+        return ce_sum, weight_sum, {}
+
+
 # ---------------------------------------------------------------------------------------------- steps
-def _micro_batches(batch: dict, k: int) -> dict:
-    """[B, ...] -> [k, B/k, ...] with micro-batch i = rows i, i+k, i+2k, ...: every device keeps contributing
-    its own rows to every micro-batch (a contiguous split would leave most devices idle per micro-batch)."""
+def _micro_batches(batch: dict, k: int, group: int = 1) -> dict:
+    """[B, ...] -> [k, B/k, ...] with micro-batch i = rows i, i+k, i+2k, ... (with `group` g: groups of g
+    consecutive rows, taken the same way): every device keeps contributing its own rows to every micro-batch
+    (a contiguous split would leave most devices idle per micro-batch)."""
 
     def split(x):
-        if x.shape[0] % k:
+        if x.shape[0] % (k * group):
             raise ValueError(f"gradient accumulation: batch size {x.shape[0]} is not a multiple of "
-                             f"accum_steps={k}")
-        return jnp.swapaxes(x.reshape((x.shape[0] // k, k) + x.shape[1:]), 0, 1)
+                             f"accum_steps={k}" + (f" x {group} rows per group" if group > 1 else ""))
+        x = x.reshape((x.shape[0] // (k * group), k, group) + x.shape[1:])
+        return jnp.swapaxes(x, 0, 1).reshape((k, x.shape[0] * group) + x.shape[3:])
 
     return {name: split(x) for name, x in batch.items() if x is not None}
 
@@ -189,7 +209,8 @@ def identity_combine(params, frozen):
 def make_train_step(config: LlamaConfig, optimizer: optax.GradientTransformation, mesh: Mesh,
                     rules=DEFAULT_RULES, *, shardings: Optional[TrainState] = None,
                     schedule: Optional[Callable] = None, accum_steps: int = 1,
-                    combine: Callable = identity_combine, donate: bool = True) -> MeshFunction:
+                    combine: Callable = identity_combine, donate: bool = True,
+                    objective: Optional[Objective] = None) -> MeshFunction:
     """`step(state, batch) -> (new_state, metrics)`, jitted with explicit shardings and the state donated.
 
     `batch`: dict of [B, T] arrays (module doc), sharded over the batch axes (`sharding.batch_sharding`).
@@ -198,42 +219,47 @@ def make_train_step(config: LlamaConfig, optimizer: optax.GradientTransformation
     `shardings`: the state's shardings (default `state_shardings(config, optimizer, mesh, rules)`).
     `schedule`: the learning-rate schedule given to the optimizer, to report `learning_rate`.
     `combine(params, frozen)` -> the model's parameter tree (default: params itself).
+    `objective`: what is minimised (default: next-token cross entropy, `Objective`).
     metrics (replicated float32 scalars): loss, grad_norm (before clipping), learning_rate (if schedule),
-    tokens (sum of loss weights).
+    tokens (sum of loss weights; for DPO, pairs), and the objective's own (mean over the batch).
     """
     if accum_steps < 1:
         raise ValueError(f"make_train_step: accum_steps={accum_steps}, expected >= 1")
     shardings = shardings or state_shardings(config, optimizer, mesh, rules)
     data_sharding = batch_sharding(mesh, rules)
+    objective = objective or Objective(config)
 
     def sums(params, frozen, micro):
-        _, (ce_sum, weight_sum) = loss_fn(combine(params, frozen), micro, config)
-        return ce_sum, weight_sum
+        total, weight, extra = objective.sums(combine(params, frozen), frozen, micro)
+        return total, (weight, extra)
 
     grad_of_sum = jax.value_and_grad(sums, has_aux=True)
 
     def step(state: TrainState, batch: Batch):
         batch = split_batch(batch)
         if accum_steps == 1:
-            (ce_sum, weight_sum), grads = grad_of_sum(state.params, state.frozen, batch)
+            (ce_sum, (weight_sum, extra)), grads = grad_of_sum(state.params, state.frozen, batch)
         else:
             def body(carry, micro):
-                ce_acc, w_acc, g_acc = carry
                 micro = jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, data_sharding), micro)
-                (ce, w), g = grad_of_sum(state.params, state.frozen, micro)
-                return (ce_acc + ce, w_acc + w, jax.tree.map(jnp.add, g_acc, g)), None
+                (ce, (w, e)), g = grad_of_sum(state.params, state.frozen, micro)
+                return jax.tree.map(jnp.add, carry, (ce, w, e, g)), None
 
             zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
             zeros = jax.lax.with_sharding_constraint(zeros, shardings.params)
-            init = (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32), zeros)
-            (ce_sum, weight_sum, grads), _ = jax.lax.scan(body, init, _micro_batches(batch, accum_steps))
+            micros = _micro_batches(batch, accum_steps, objective.group)
+            extra0 = jax.tree.map(jnp.zeros_like, jax.eval_shape(
+                lambda m: sums(state.params, state.frozen, m)[1][1], jax.tree.map(lambda x: x[0], micros)))
+            init = (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32), extra0, zeros)
+            (ce_sum, weight_sum, extra, grads), _ = jax.lax.scan(body, init, micros)
         grads = jax.tree.map(lambda g: _mean(g.astype(jnp.float32), weight_sum), grads)
         # The norm in float32 even when the params (and so the update) are bf16.
         grad_norm = jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g in jax.tree.leaves(grads)))
         grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, state.params)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        metrics = {"loss": _mean(ce_sum, weight_sum), "grad_norm": grad_norm, "tokens": weight_sum}
+        metrics = {"loss": _mean(ce_sum, weight_sum), "grad_norm": grad_norm, "tokens": weight_sum,
+                   **{name: _mean(v, weight_sum) for name, v in extra.items()}}
         if schedule is not None:
             metrics["learning_rate"] = jnp.asarray(schedule(state.step), jnp.float32)
         new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state, frozen=state.frozen)
@@ -245,13 +271,16 @@ def make_train_step(config: LlamaConfig, optimizer: optax.GradientTransformation
 
 
 def make_eval_step(config: LlamaConfig, mesh: Mesh, rules=DEFAULT_RULES, *, params_shardings=None,
-                   combine: Callable = identity_combine, frozen_shardings=None) -> MeshFunction:
-    """`eval_step(params, frozen, batch) -> {"loss", "tokens"}` (weighted-mean CE; no update, no donation)."""
+                   combine: Callable = identity_combine, frozen_shardings=None,
+                   objective: Optional[Objective] = None) -> MeshFunction:
+    """`eval_step(params, frozen, batch) -> {"loss", "tokens", ...}` (the objective's weighted-mean loss and
+    metrics, default next-token CE; no update, no donation)."""
     params_shardings = params_shardings or param_shardings(config, mesh, rules)
+    objective = objective or Objective(config)
 
     def step(params, frozen, batch):
-        _, (ce_sum, weight_sum) = loss_fn(combine(params, frozen), batch, config)
-        return {"loss": _mean(ce_sum, weight_sum), "tokens": weight_sum}
+        total, weight, extra = objective.sums(combine(params, frozen), frozen, split_batch(batch))
+        return {"loss": _mean(total, weight), "tokens": weight, **{k: _mean(v, weight) for k, v in extra.items()}}
 
     jitted = jax.jit(step, in_shardings=(params_shardings, frozen_shardings, batch_sharding(mesh, rules)),
                      out_shardings=replicated(mesh))
