@@ -15,7 +15,8 @@ def main(argv=None):
                                             "seed, mesh.AXIS (one size per mesh axis), optim.lr, lora.rank, "
                                             "model.preset, data.path, ... (see llama_jax/training/run_config.py)")
     parser.add_argument("--config", default="", help="a recipe file, e.g. configs/llama3.1-8b.py")
-    parser.add_argument("--no_progress", action="store_true", help="no progress bar (logs only)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
+    parser.add_argument("--no_progress", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     parser.add_argument("--aot", default="", metavar="TOPOLOGY",
                         help="only compile the train step for a TPU slice, e.g. v5p:4x4x4 (no TPU needed; needs "
                              "libtpu), print per-chip memory, FLOPs and collectives; exit 1 if it does not fit")
@@ -45,6 +46,8 @@ def main(argv=None):
 
 if __name__ == "__main__":
     from llama_jax.cpu.host_memory import reexec_with_huge_pages
+    from llama_jax.cpu.platform import cpu_unless_accelerator
 
+    cpu_unless_accelerator()  # libtpu installed on a host without a TPU: no TPU probe (llama_jax/cpu/platform.py)
     reexec_with_huge_pages()  # huge pages for XLA:CPU's per-call buffers (see llama_jax/cpu/host_memory.py)
     main()

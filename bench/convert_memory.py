@@ -128,13 +128,16 @@ def _step(argv) -> None:
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", type=float, nargs="+", default=[0.25, 1.0, 4.0], help="checkpoint sizes, GB")
-    parser.add_argument("--workdir", default=None, help="where to write checkpoints (default: a temp dir)")
+    parser.add_argument("--workdir", default=None,
+                        help="where to write checkpoints (created if missing; default: a temp dir)")
     parser.add_argument("--export", action="store_true", help="also measure --to-hf back to safetensors")
     args = parser.parse_args(argv)
     # the machine and library versions, from a child (this parent must not import numpy or jax)
     here = os.path.dirname(os.path.abspath(__file__))
     subprocess.run([sys.executable, "-c", "import common; common.emit('machine', **common.machine())"],
                    cwd=here, check=True)
+    if args.workdir:
+        os.makedirs(args.workdir, exist_ok=True)  # a new DIR is fine; the run works in a temp dir inside it
     work = tempfile.mkdtemp(prefix="convert_memory_", dir=args.workdir)
     rows = []
     try:

@@ -162,6 +162,7 @@ def test_unstack_layers_names_a_tree_without_layers():
         unstack_layers({"embed": {}})
 
 
+@pytest.mark.slow
 def test_blocked_causal_attention_equals_one_block(monkeypatch):
     from llama_jax.model import attention
 
