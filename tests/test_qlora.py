@@ -98,3 +98,26 @@ def test_qlora_trains_adapters_over_a_bit_identical_nf4_base_and_exports_the_mer
     np.testing.assert_allclose(merged_logits, adapted, atol=2e-5)
     q_base = Llama(CONFIG).apply({"params": frozen}, TOKENS)
     assert np.abs(np.asarray(adapted) - np.asarray(q_base)).max() > 1e-3  # the adapters changed the model
+
+
+def test_leaf_by_leaf_load_equals_load(tmp_path):
+    """QLoRA's base is read one parameter at a time (quantized before the next is read): the leaves equal what
+    `llama_jax.load` gives, for a llama_jax checkpoint and a Hugging Face directory, placed on the same mesh."""
+    import jax
+
+    from hostile.ckpt_fixtures import checkpoint, hf_dir
+    from llama_jax import load
+    from llama_jax.io.loading import load_leaf_by_leaf
+    from llama_jax.model import spec
+    from llama_jax.parallel.sharding import make_mesh
+
+    mesh = make_mesh(fsdp=4, tensor=2)
+    for path in (checkpoint(tmp_path), hf_dir(tmp_path / "hf")):
+        config, params = load(str(path), dtype="bfloat16", mesh=mesh)
+        config2, leaves = load_leaf_by_leaf(str(path), dtype="bfloat16", mesh=mesh)
+        assert config2 == config
+        got = spec.nest(list(leaves))
+        assert jax.tree.structure(got) == jax.tree.structure(params)
+        for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(params)):
+            assert a.dtype == b.dtype and a.sharding == b.sharding
+            np.testing.assert_array_equal(np.asarray(a.astype("float32")), np.asarray(b.astype("float32")))

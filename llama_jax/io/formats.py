@@ -75,12 +75,12 @@ def open_source(path) -> Source:
     return source
 
 
-def _training_workdir_export(path: str) -> str:
+def training_workdir_export(path: str) -> str:
     return os.path.join(path, "export")
 
 
 def _load_training_workdir(path, dtype, mesh, rules):
-    return checkpoint.load(_training_workdir_export(path), dtype, mesh, rules)
+    return checkpoint.load(training_workdir_export(path), dtype, mesh, rules)
 
 
 register(Format("llama_jax", "a llama_jax checkpoint (llama_jax.json + params/)", checkpoint.is_checkpoint,
@@ -91,4 +91,4 @@ register(Format("meta", "a Meta directory (params.json + consolidated.NN.pth)", 
 register(Format("gguf", "a GGUF file (llama.cpp / Ollama, general.architecture = llama)", is_gguf, source=GGUFSource))
 # A training workdir (train.py's WORKDIR): its final params are the llama_jax checkpoint in WORKDIR/export.
 register(Format("workdir", "a training workdir (WORKDIR/export written by train.py)",
-                lambda path: checkpoint.is_checkpoint(_training_workdir_export(path)), load=_load_training_workdir))
+                lambda path: checkpoint.is_checkpoint(training_workdir_export(path)), load=_load_training_workdir))

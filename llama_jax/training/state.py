@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 
 from llama_jax.errors import CorruptCheckpointError, TrainError
-from llama_jax.model import quantize
+from llama_jax.model import quantize, spec
 from llama_jax.parallel import distributed
 from llama_jax.parallel.sharding import param_shardings
 from llama_jax.training import lora as lora_lib
@@ -54,22 +54,35 @@ class Model:
         float leaf is dropped once quantized)."""
         if self.frozen_shapes is None:
             return None
-        base = self.base_params(setup)
         if self.base_quant == "none":
-            return base
-        flat, treedef = jax.tree_util.tree_flatten_with_path(base)
-        del base
-        out_sh = jax.tree.leaves(self.state_shardings.frozen, is_leaf=quantize.is_quantized)
-        leaves = []
-        for i, sharding in enumerate(out_sh):
-            path, w = flat[i]
-            flat[i] = None  # the float leaf goes once its quantized copy exists
+            return self.base_params(setup)
+        quantized = {}
+        for path, w in self._base_leaves(setup):
+            sharding = self.state_shardings.frozen
+            for key in path:
+                sharding = sharding[key]
             if quantize.is_quantized(sharding):
-                keys = tuple(str(getattr(k, "key", k)) for k in path)
-                w = jax.jit(functools.partial(quantize.quantize_weight, path=keys, kind=self.base_quant),
+                w = jax.jit(functools.partial(quantize.quantize_weight, path=path, kind=self.base_quant),
                             out_shardings=sharding)(w)
-            leaves.append(w)
-        return jax.tree.unflatten(treedef, leaves)
+            quantized[path] = w  # the float leaf goes once its quantized copy exists
+        return spec.nest(quantized.items())
+
+    def _base_leaves(self, setup: Setup):
+        """(path, float array) of the base, one leaf at a time: read straight from init_from's files, so the
+        float model is never whole on the devices (a 70B base fits a v5e-8 only quantized); a random init is
+        made whole first, then handed out leaf by leaf."""
+        if setup.cfg.init_from:
+            from llama_jax.io.loading import load_leaf_by_leaf
+
+            _, leaves = load_leaf_by_leaf(setup.cfg.init_from, dtype=setup.model.param_dtype, mesh=setup.mesh)
+            yield from leaves
+            return
+        flat = [(tuple(str(getattr(k, "key", k)) for k in path), w)
+                for path, w in jax.tree_util.tree_flatten_with_path(self.base_params(setup))[0]]
+        for i in range(len(flat)):
+            path, w = flat[i]
+            flat[i] = None  # drop our reference as soon as the caller has it
+            yield path, w
 
     def base_params(self, setup: Setup):
         """The model weights to start from: init_from's checkpoint, or a seeded random init."""
