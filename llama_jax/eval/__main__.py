@@ -48,7 +48,13 @@ def build_mesh(text):
             sizes[name.strip()] = int(value)
         except ValueError:
             raise EvalError(f"--mesh {text!r}: expected AXIS=N pairs, e.g. {_mesh_example()}") from None
-    return make_mesh(**sizes)  # a MeshError names an unknown axis or sizes that do not fit the devices
+    from llama_jax.parallel.sharding import MESH_AXES
+
+    unknown = sorted(set(sizes) - set(MESH_AXES))
+    if unknown:  # make_mesh's own keywords (devices=) must not be reachable from the command line
+        raise EvalError(f"--mesh {text!r}: unknown mesh axis {unknown}; expected AXIS=N with AXIS in "
+                        f"{', '.join(MESH_AXES)}, e.g. {_mesh_example()}")
+    return make_mesh(**sizes)  # a MeshError names sizes that do not fit the devices
 
 
 def main(argv=None) -> int:
@@ -95,4 +101,7 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+    from llama_jax.cpu.platform import cpu_unless_accelerator
+
+    cpu_unless_accelerator()  # libtpu installed on a host without a TPU: no TPU probe (llama_jax/cpu/platform.py)
     sys.exit(main())

@@ -228,7 +228,9 @@ def restore_params(directory: str, dtype: Optional[str] = None, shardings=None) 
             params = ckptr.restore(os.path.abspath(params_dir), target)
     except Exception as e:  # noqa: BLE001 - Orbax and tensorstore raise bare Exceptions with the whole spec
         raise CorruptCheckpointError(f"{params_dir}: cannot read the stored arrays: {read_error(e)}") from None
-    if meta.get("checksums") is None or np.dtype(dtype_of(dtype)) == np.dtype(dtype_of(stored)):
+    if meta.get("checksums") is None:
+        verify(params_dir, None, {}, "loaded")  # the log line of an unverified (older) checkpoint
+    elif np.dtype(dtype_of(dtype)) == np.dtype(dtype_of(stored)):
         verify(params_dir, meta.get("checksums"), integrity.tree_checksums(params), "loaded")
     else:  # cast on read: the checksums are of the stored values, so check those (from disk, slab by slab)
         ParamsReader(directory).verify_all()

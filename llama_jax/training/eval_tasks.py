@@ -31,7 +31,9 @@ def run(setup, state, lora: bool, say=print) -> dict:
     from llama_jax.training import lora as lora_lib
 
     cfg = setup.cfg
-    params = state.params if not lora else lora_lib.merge(state.frozen, state.params, cfg.lora.alpha)
+    # merged as export_run merges (a QLoRA base dequantized into the run's param dtype): the export's weights
+    params = state.params if not lora else lora_lib.merge(state.frozen, state.params, cfg.lora.alpha,
+                                                          setup.model.param_dtype)
     limit = cfg.eval_limit if 0 < cfg.eval_limit < 1 else (int(cfg.eval_limit) or None)
     return evaluate_params(setup.model, params, setup.tokenizer_path, cfg.eval_tasks, mesh=setup.mesh,
                            limit=limit, include_path=cfg.eval_include_path or None,

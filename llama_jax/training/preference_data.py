@@ -93,6 +93,7 @@ def write_preference_files(out_dir: str, records: Iterable[Mapping[str, Any]], t
     files = {s: open(os.path.join(out_dir, f"{s}.bin"), "wb") for s in ("train", "val")}
     masks = {s: open(os.path.join(out_dir, f"{s}.mask.bin"), "wb") for s in ("train", "val")}
     starts, count, longest = {"train": [], "val": []}, {"train": 0, "val": 0}, 0
+    top = {"train": -1, "val": -1}  # the largest id per split, recorded so a run checks the vocabulary cheaply
     try:
         for i, rec in enumerate(tqdm(records, desc="tokenizing", unit="pair", disable=not progress)):
             where = f"record {i}"
@@ -104,6 +105,7 @@ def write_preference_files(out_dir: str, records: Iterable[Mapping[str, Any]], t
                 starts[split].append(count[split])
                 count[split] += len(toks)
                 longest = max(longest, len(toks))
+                top[split] = max(top[split], max(toks, default=-1))
                 files[split].write(np.asarray(toks, dtype).tobytes())
                 masks[split].write(np.asarray(mask, np.uint8).tobytes())
     finally:
@@ -112,7 +114,7 @@ def write_preference_files(out_dir: str, records: Iterable[Mapping[str, Any]], t
     splits = {}
     for s in ("train", "val"):
         np.save(os.path.join(out_dir, f"{s}.docs.npy"), np.asarray(starts[s], np.int64))
-        splits[s] = {"tokens": count[s], "docs": len(starts[s]), "pairs": len(starts[s]) // 2}
+        splits[s] = {"tokens": count[s], "docs": len(starts[s]), "pairs": len(starts[s]) // 2, "max_id": int(top[s])}
     tok_path = getattr(tokenizer, "path", None)
     if tok_path and os.path.isfile(tok_path):
         data_lib.copy_tokenizer_files(os.path.dirname(os.path.abspath(tok_path)), out_dir,

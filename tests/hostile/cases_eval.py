@@ -34,6 +34,7 @@ CASES = [
     Case("eval batch size 0", _cli("--batch-size", "0"), r"--batch-size 0: expected a positive"),
     Case("eval limit 0", _cli("--limit", "0"), r"--limit 0.0: expected a positive"),
     Case("eval mesh names an unknown axis", _cli("--mesh", "rows=2"), r"unknown mesh axis \['rows'\]"),
+    Case("eval mesh names make_mesh's own keyword", _cli("--mesh", "devices=2"), r"unknown mesh axis \['devices'\]"),
     Case("eval mesh size is not a number", _cli("--mesh", "x"), r"--mesh 'x': expected AXIS=N"),
     Case("eval task list is empty", _empty_tasks, r"tasks=' , ': expected one or more"),
     Case("eval include path is missing", _cli("--include-path", "/nonexistent/tasks"),
