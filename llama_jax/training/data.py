@@ -129,6 +129,57 @@ def _encode_plain_chat(messages, tokenizer):
 
 
 # ---------------------------------------------------------------------------------------------- writing
+class SplitWriter:
+    """The token files of a prepared directory, written as documents arrive: `{split}.bin` (ids),
+    `{split}.mask.bin` (1 = scored), `{split}.docs.npy` (document starts) for "train" and "val", and the
+    meta.json that marks the directory complete (`finish`, last). Shared by plain and preference data."""
+
+    SPLITS = ("train", "val")
+
+    def __init__(self, out_dir: str, tokenizer):
+        os.makedirs(out_dir, exist_ok=True)
+        self.out_dir, self.tokenizer = out_dir, tokenizer
+        self.vocab = int(tokenizer.vocab_size)
+        self.dtype = np.uint16 if self.vocab <= 65536 else np.uint32
+        self.files = {s: open(os.path.join(out_dir, f"{s}.bin"), "wb") for s in self.SPLITS}
+        self.masks = {s: open(os.path.join(out_dir, f"{s}.mask.bin"), "wb") for s in self.SPLITS}
+        self.starts = {s: [] for s in self.SPLITS}
+        self.count = {s: 0 for s in self.SPLITS}
+        self.top = {s: -1 for s in self.SPLITS}  # the largest id of each split, checked when a run starts
+
+    def add(self, split: str, toks, mask) -> None:
+        self.starts[split].append(self.count[split])
+        self.count[split] += len(toks)
+        self.top[split] = max(self.top[split], max(toks, default=-1))
+        self.files[split].write(np.asarray(toks, self.dtype).tobytes())
+        self.masks[split].write(np.asarray(mask, np.uint8).tobytes())
+
+    def close(self) -> None:
+        for f in list(self.files.values()) + list(self.masks.values()):
+            f.close()
+
+    def finish(self, keep_masks: bool, source: str, split_extra=None, **meta) -> dict:
+        """Write the document starts, drop the masks when nothing is masked, copy the tokenizer files, then
+        meta.json (extra keys from `meta`; `split_extra(split_dict)` adds keys to each split's); returns it."""
+        splits = {}
+        for s in self.SPLITS:
+            np.save(os.path.join(self.out_dir, f"{s}.docs.npy"), np.asarray(self.starts[s], np.int64))
+            if not keep_masks:
+                os.remove(os.path.join(self.out_dir, f"{s}.mask.bin"))
+            splits[s] = {"tokens": self.count[s], "docs": len(self.starts[s]), "max_id": int(self.top[s])}
+            splits[s].update(split_extra(splits[s]) if split_extra else {})
+        tok_path = getattr(self.tokenizer, "path", None)
+        if tok_path and os.path.isfile(tok_path):
+            copy_tokenizer_files(os.path.dirname(os.path.abspath(tok_path)), self.out_dir,
+                                 os.path.basename(tok_path))
+        out = {"format": FORMAT, "dtype": np.dtype(self.dtype).name, "vocab_size": self.vocab,
+               "bos_id": _bos(self.tokenizer), "eos_id": _eos(self.tokenizer), "source": source, "splits": splits,
+               **meta}
+        with open(os.path.join(self.out_dir, "meta.json"), "w") as f:  # last: marks a complete directory
+            json.dump(out, f, indent=1)
+        return out
+
+
 def write_token_files(out_dir: str, records: Iterable[Mapping[str, Any]], tokenizer, val_every: int = 100,
                       source: str = "", total: Optional[int] = None, progress: bool = True) -> dict:
     """Tokenize `records` into `out_dir` (every `val_every`-th document goes to the "val" split).
@@ -137,42 +188,16 @@ def write_token_files(out_dir: str, records: Iterable[Mapping[str, Any]], tokeni
     """
     from tqdm import tqdm
 
-    os.makedirs(out_dir, exist_ok=True)
-    vocab = int(tokenizer.vocab_size)
-    dtype = np.uint16 if vocab <= 65536 else np.uint32
-    files = {s: open(os.path.join(out_dir, f"{s}.bin"), "wb") for s in ("train", "val")}
-    masks = {s: open(os.path.join(out_dir, f"{s}.mask.bin"), "wb") for s in ("train", "val")}
-    starts = {"train": [], "val": []}
-    count = {"train": 0, "val": 0}
-    top = {"train": -1, "val": -1}  # the largest id of each split, checked against the model when a run starts
+    writer = SplitWriter(out_dir, tokenizer)
     any_masked = False
     try:
         for i, rec in enumerate(tqdm(records, total=total, desc="tokenizing", unit="doc", disable=not progress)):
             toks, mask = encode_record(rec, tokenizer, where=f"document {i}")
-            split = "val" if val_every and i % val_every == val_every - 1 else "train"
-            starts[split].append(count[split])
-            count[split] += len(toks)
-            top[split] = max(top[split], max(toks, default=-1))
-            files[split].write(np.asarray(toks, dtype).tobytes())
-            masks[split].write(np.asarray(mask, np.uint8).tobytes())
+            writer.add("val" if val_every and i % val_every == val_every - 1 else "train", toks, mask)
             any_masked |= not all(mask[1:])
     finally:
-        for f in list(files.values()) + list(masks.values()):
-            f.close()
-    splits = {}
-    for s in ("train", "val"):
-        np.save(os.path.join(out_dir, f"{s}.docs.npy"), np.asarray(starts[s], np.int64))
-        if not any_masked:
-            os.remove(os.path.join(out_dir, f"{s}.mask.bin"))
-        splits[s] = {"tokens": count[s], "docs": len(starts[s]), "max_id": int(top[s])}
-    tok_path = getattr(tokenizer, "path", None)
-    if tok_path and os.path.isfile(tok_path):
-        copy_tokenizer_files(os.path.dirname(os.path.abspath(tok_path)), out_dir, os.path.basename(tok_path))
-    meta = {"format": FORMAT, "dtype": np.dtype(dtype).name, "vocab_size": vocab, "bos_id": _bos(tokenizer),
-            "eos_id": _eos(tokenizer), "masked": any_masked, "source": source, "splits": splits}
-    with open(os.path.join(out_dir, "meta.json"), "w") as f:  # last: marks a complete directory
-        json.dump(meta, f, indent=1)
-    return meta
+        writer.close()
+    return writer.finish(any_masked, source, masked=any_masked)
 
 
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",

@@ -19,7 +19,6 @@ is cut at the end (its reply loses its tail); shorter ones are padded (segment 0
 from __future__ import annotations
 
 import itertools
-import json
 import os
 import sys
 from typing import Any, Dict, Iterable, Mapping
@@ -87,13 +86,8 @@ def write_preference_files(out_dir: str, records: Iterable[Mapping[str, Any]], t
     """Tokenize preference records into `out_dir` (every `val_every`-th pair goes to "val"); returns meta."""
     from tqdm import tqdm
 
-    os.makedirs(out_dir, exist_ok=True)
-    vocab = int(tokenizer.vocab_size)
-    dtype = np.uint16 if vocab <= 65536 else np.uint32
-    files = {s: open(os.path.join(out_dir, f"{s}.bin"), "wb") for s in ("train", "val")}
-    masks = {s: open(os.path.join(out_dir, f"{s}.mask.bin"), "wb") for s in ("train", "val")}
-    starts, count, longest = {"train": [], "val": []}, {"train": 0, "val": 0}, 0
-    top = {"train": -1, "val": -1}  # the largest id per split, recorded so a run checks the vocabulary cheaply
+    writer = data_lib.SplitWriter(out_dir, tokenizer)
+    longest = 0
     try:
         for i, rec in enumerate(tqdm(records, desc="tokenizing", unit="pair", disable=not progress)):
             where = f"record {i}"
@@ -102,29 +96,12 @@ def write_preference_files(out_dir: str, records: Iterable[Mapping[str, Any]], t
                                 f"{sorted(rec) if isinstance(rec, Mapping) else type(rec).__name__}")
             split = "val" if val_every and i % val_every == val_every - 1 else "train"
             for toks, mask in encode_pair(rec, tokenizer, where):
-                starts[split].append(count[split])
-                count[split] += len(toks)
+                writer.add(split, toks, mask)
                 longest = max(longest, len(toks))
-                top[split] = max(top[split], max(toks, default=-1))
-                files[split].write(np.asarray(toks, dtype).tobytes())
-                masks[split].write(np.asarray(mask, np.uint8).tobytes())
     finally:
-        for f in list(files.values()) + list(masks.values()):
-            f.close()
-    splits = {}
-    for s in ("train", "val"):
-        np.save(os.path.join(out_dir, f"{s}.docs.npy"), np.asarray(starts[s], np.int64))
-        splits[s] = {"tokens": count[s], "docs": len(starts[s]), "pairs": len(starts[s]) // 2, "max_id": int(top[s])}
-    tok_path = getattr(tokenizer, "path", None)
-    if tok_path and os.path.isfile(tok_path):
-        data_lib.copy_tokenizer_files(os.path.dirname(os.path.abspath(tok_path)), out_dir,
-                                      os.path.basename(tok_path))
-    meta = {"format": data_lib.FORMAT, "kind": KIND, "dtype": np.dtype(dtype).name, "vocab_size": vocab,
-            "bos_id": data_lib._bos(tokenizer), "eos_id": data_lib._eos(tokenizer), "masked": True,
-            "longest": longest, "source": source, "splits": splits}
-    with open(os.path.join(out_dir, "meta.json"), "w") as f:  # last: marks a complete directory
-        json.dump(meta, f, indent=1)
-    return meta
+        writer.close()
+    return writer.finish(True, source, split_extra=lambda split: {"pairs": split["docs"] // 2}, kind=KIND,
+                         masked=True, longest=longest)
 
 
 def prepare(records: Iterable[Any], out_dir: str, tokenizer, val_every: int, source: str):
