@@ -18,7 +18,16 @@ from llama_jax.errors import ConfigError  # noqa: F401 (also re-exported)
 PathOrDict = Union[str, os.PathLike, Mapping[str, Any]]
 
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "save_qkv_proj")
+# How attention runs: "splash" is the Pallas TPU kernel (Pallas interpret mode elsewhere: slow, for tests), "xla"
+# the blocked XLA attention of model/attention.py, "auto" splash when compiling for a TPU and XLA elsewhere.
+ATTENTION_KINDS = ("auto", "xla", "splash")
+# How the Sampler's decode steps attend over the KV cache: "paged" is the Pallas TPU paged-attention kernel
+# (model/decode_kernel.py; interpret mode elsewhere, for tests), "xla" the XLA attention, "auto" paged when
+# compiling for a TPU with a bf16 cache and XLA elsewhere. Apart from `attention`: decode is another kernel.
+DECODE_ATTENTION_KINDS = ("auto", "xla", "paged")
 DTYPES = ("float32", "bfloat16", "float16")
+# Mllama's token embedding holds this many rows past the vocabulary (transformers: vocab_size + 8).
+IMAGE_EMBED_ROWS = 8
 ROPE_TYPES = ("default", "linear", "llama3")
 
 
@@ -80,6 +89,125 @@ class RopeScaling:
                    original_max_position_embeddings=_number(d, "original_max_position_embeddings", where))
 
 
+_ASPECT_RATIOS_4 = ((1, 1), (1, 2), (1, 3), (1, 4), (2, 1), (2, 2), (3, 1), (4, 1))
+
+
+@dataclasses.dataclass(frozen=True)
+class VisionConfig:
+    """Llama 3.2 Vision's image encoder (a ViT over up to `max_num_tiles` tiles of image_size x image_size).
+
+    `num_layers` local layers keep the outputs of `intermediate_layers_indices`; `num_global_layers` gated
+    layers follow. The encoder's output per patch is hidden_size x (1 + len(intermediate_layers_indices)) =
+    `vision_output_dim`, projected to the text model's width. Values as in the `vision_config` of a Hugging
+    Face Mllama `config.json`.
+    """
+
+    hidden_size: int = 1280
+    intermediate_size: int = 5120
+    num_layers: int = 32
+    num_global_layers: int = 8
+    num_heads: int = 16
+    num_channels: int = 3
+    image_size: int = 560
+    patch_size: int = 14
+    max_num_tiles: int = 4
+    intermediate_layers_indices: Tuple[int, ...] = (3, 7, 15, 23, 30)
+    supported_aspect_ratios: Tuple[Tuple[int, int], ...] = _ASPECT_RATIOS_4
+    vision_output_dim: int = 7680
+    norm_eps: float = 1e-5
+
+    def __post_init__(self):
+        set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 - JSON lists -> hashable tuples
+        set_("intermediate_layers_indices", tuple(_as_int(i) for i in self.intermediate_layers_indices))
+        set_("supported_aspect_ratios", tuple(tuple(_as_int(n) for n in r) for r in self.supported_aspect_ratios))
+        for key in ("hidden_size", "intermediate_size", "num_layers", "num_global_layers", "num_heads",
+                    "num_channels", "image_size", "patch_size", "max_num_tiles", "vision_output_dim"):
+            value = getattr(self, key)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ConfigError(f"VisionConfig.{key}={value!r}: expected a positive integer")
+        if self.hidden_size % self.num_heads:
+            raise ConfigError(f"VisionConfig: hidden_size={self.hidden_size} is not a multiple of "
+                              f"num_heads={self.num_heads}")
+        if self.image_size % self.patch_size:
+            raise ConfigError(f"VisionConfig: image_size={self.image_size} is not a multiple of "
+                              f"patch_size={self.patch_size}")
+        bad = [i for i in self.intermediate_layers_indices if not 0 <= i < self.num_layers]
+        if bad or len(set(self.intermediate_layers_indices)) != len(self.intermediate_layers_indices):
+            raise ConfigError(f"VisionConfig.intermediate_layers_indices={list(self.intermediate_layers_indices)}: "
+                              f"expected distinct layer indices in [0, {self.num_layers})")
+        expected = self.hidden_size * (1 + len(self.intermediate_layers_indices))
+        if self.vision_output_dim != expected:
+            raise ConfigError(f"VisionConfig.vision_output_dim={self.vision_output_dim}: expected hidden_size x "
+                              f"(1 + len(intermediate_layers_indices)) = {expected}")
+        for ratio in self.supported_aspect_ratios:
+            if len(ratio) != 2 or min(ratio) <= 0 or ratio[0] * ratio[1] > self.max_num_tiles:
+                raise ConfigError(f"VisionConfig.supported_aspect_ratios: {list(ratio)} is not [rows, cols] with "
+                                  f"rows x cols <= max_num_tiles={self.max_num_tiles}")
+        if not self.norm_eps > 0:
+            raise ConfigError(f"VisionConfig.norm_eps={self.norm_eps}: expected a positive number")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def patches_per_side(self) -> int:
+        return self.image_size // self.patch_size
+
+    @property
+    def num_patches(self) -> int:
+        """Tokens per tile: the patches plus the class token."""
+        return self.patches_per_side ** 2 + 1
+
+    @property
+    def max_aspect_ratio_id(self) -> int:
+        """Aspect-ratio ids run 1..len(supported_aspect_ratios); 0 pads a missing image."""
+        return len(self.supported_aspect_ratios)
+
+    @classmethod
+    def from_hf_dict(cls, d: Mapping[str, Any], where: str = "vision_config") -> "VisionConfig":
+        if not isinstance(d, Mapping):
+            raise ConfigError(f"{where}={d!r:.60}: expected an object")
+        if d.get("hidden_act", "gelu") != "gelu":
+            raise ConfigError(f"{where}: hidden_act={d['hidden_act']!r} is not supported (expected 'gelu')")
+        num = lambda key, kind=int, default=None: _number(d, key, where, kind, default)  # noqa: E731
+        kwargs = dict(hidden_size=num("hidden_size", int, 1280), intermediate_size=num("intermediate_size", int, 5120),
+                      num_layers=num("num_hidden_layers", int, 32), num_global_layers=num("num_global_layers", int, 8),
+                      num_heads=num("attention_heads", int, None) or num("num_attention_heads", int, 16),
+                      num_channels=num("num_channels", int, 3), image_size=_side(d, "image_size", where, 448),
+                      patch_size=_side(d, "patch_size", where, 14), max_num_tiles=num("max_num_tiles", int, 4),
+                      vision_output_dim=num("vision_output_dim", int, 7680), norm_eps=num("norm_eps", float, 1e-5))
+        for key in ("intermediate_layers_indices", "supported_aspect_ratios"):
+            if d.get(key) is not None:
+                if not isinstance(d[key], (list, tuple)):
+                    raise ConfigError(f"{where}: {key}={d[key]!r:.60}: expected a list")
+                kwargs[key] = d[key]
+        try:
+            return cls(**kwargs)
+        except (ConfigError, TypeError) as e:
+            raise ConfigError(f"{where}: {e}") from None
+
+    def to_hf_dict(self) -> dict:
+        return {"model_type": "mllama_vision_model", "hidden_size": self.hidden_size, "hidden_act": "gelu",
+                "intermediate_size": self.intermediate_size, "num_hidden_layers": self.num_layers,
+                "num_global_layers": self.num_global_layers, "attention_heads": self.num_heads,
+                "num_channels": self.num_channels, "image_size": self.image_size, "patch_size": self.patch_size,
+                "max_num_tiles": self.max_num_tiles,
+                "intermediate_layers_indices": list(self.intermediate_layers_indices),
+                "supported_aspect_ratios": [list(r) for r in self.supported_aspect_ratios],
+                "vision_output_dim": self.vision_output_dim, "norm_eps": self.norm_eps}
+
+
+def _side(d: Mapping[str, Any], key: str, where: str, default: int) -> int:
+    """image_size / patch_size: an integer, or a square [h, w] pair."""
+    value = d.get(key, default)
+    if isinstance(value, (list, tuple)):
+        if len(value) != 2 or value[0] != value[1]:
+            raise ConfigError(f"{where}: {key}={value!r}: expected a square size")
+        value = value[0]
+    return _number({key: value}, key, where)
+
+
 @dataclasses.dataclass(frozen=True)
 class LlamaConfig:
     """Architecture and numerics of one Llama model.
@@ -106,8 +234,18 @@ class LlamaConfig:
     dtype: str = "float32"
     param_dtype: str = "float32"
     remat: str = "none"
+    # How attention runs (ATTENTION_KINDS); a setting of this machine, not of the model: checkpoints omit it.
+    attention: str = "auto"
+    decode_attention: str = "auto"  # DECODE_ATTENTION_KINDS; like `attention`, checkpoints omit it
     # Which released model this came from, if any (informational; the preset name).
     name: str = ""
+    # Llama 3.2 Vision (Mllama): the image encoder, and where gated cross-attention layers sit among the text
+    # layers, as indices in Hugging Face's numbering (self and cross layers counted together: 0..num_layers +
+    # len(cross_attention_layers) - 1). `num_layers` counts the self-attention layers only. The embedding has
+    # IMAGE_EMBED_ROWS more rows than the vocabulary (the `<|image|>` token, image_token_id, is one of them).
+    vision: Optional[VisionConfig] = None
+    cross_attention_layers: Tuple[int, ...] = ()
+    image_token_id: Optional[int] = None
 
     def __post_init__(self):
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 - frozen dataclass normalisation
@@ -124,6 +262,12 @@ class LlamaConfig:
             set_("eos_token_id", tuple(_as_int(e) for e in eos))
         if isinstance(self.rope_scaling, Mapping):
             set_("rope_scaling", RopeScaling.from_hf_dict(self.rope_scaling))
+        if isinstance(self.vision, Mapping):  # llama_jax.json stores the dataclass as a dict
+            try:
+                set_("vision", VisionConfig(**self.vision))
+            except TypeError as e:
+                raise ConfigError(f"LlamaConfig.vision: {e}") from None
+        set_("cross_attention_layers", tuple(_as_int(i) for i in self.cross_attention_layers or ()))
         self._validate()
 
     def _validate(self):
@@ -148,18 +292,63 @@ class LlamaConfig:
                 raise ConfigError(f"LlamaConfig.{key}={getattr(self, key)!r}: expected one of {DTYPES}")
         if self.remat not in REMAT_POLICIES:
             raise ConfigError(f"LlamaConfig.remat={self.remat!r}: expected one of {REMAT_POLICIES}")
+        if self.attention not in ATTENTION_KINDS:
+            raise ConfigError(f"LlamaConfig.attention={self.attention!r}: expected one of {ATTENTION_KINDS}")
+        if self.decode_attention not in DECODE_ATTENTION_KINDS:
+            raise ConfigError(f"LlamaConfig.decode_attention={self.decode_attention!r}: expected one of "
+                              f"{DECODE_ATTENTION_KINDS}")
         if self.rope_scaling is not None and not isinstance(self.rope_scaling, RopeScaling):
             raise ConfigError(f"LlamaConfig.rope_scaling={self.rope_scaling!r}: expected a RopeScaling or None")
         for tok in ((self.bos_token_id,) if self.bos_token_id is not None else ()) + self.eos_token_id:
             if not isinstance(tok, int) or isinstance(tok, bool) or not 0 <= tok < self.vocab_size:
                 raise ConfigError(f"LlamaConfig: special token id {tok} is outside the vocabulary "
                                   f"[0, {self.vocab_size})")
+        self._validate_vision()
+
+    def _validate_vision(self):
+        if self.vision is None:
+            if self.cross_attention_layers or self.image_token_id is not None:
+                raise ConfigError("LlamaConfig: cross_attention_layers and image_token_id need a vision config "
+                                  "(LlamaConfig.vision)")
+            return
+        if not isinstance(self.vision, VisionConfig):
+            raise ConfigError(f"LlamaConfig.vision={self.vision!r:.60}: expected a VisionConfig or None")
+        total = self.num_layers + len(self.cross_attention_layers)
+        layers = self.cross_attention_layers
+        if not layers or list(layers) != sorted(set(layers)) or not all(
+                isinstance(i, int) and 0 <= i < total for i in layers):
+            raise ConfigError(f"LlamaConfig.cross_attention_layers={list(layers)}: expected distinct increasing "
+                              f"layer indices in [0, {total}) (self and cross layers counted together)")
+        token = self.image_token_id
+        if not isinstance(token, int) or isinstance(token, bool) or not 0 <= token < self.embed_rows:
+            raise ConfigError(f"LlamaConfig.image_token_id={token!r}: expected a token id in [0, {self.embed_rows})")
+        if self.tie_word_embeddings:
+            raise ConfigError("LlamaConfig: a vision model's output head is never tied to its embedding (the "
+                              "embedding has the extra image rows); tie_word_embeddings must be false")
 
     # ------------------------------------------------------------------ derived sizes
     @property
     def num_groups(self) -> int:
         """Query heads per KV head (G)."""
         return self.num_heads // self.num_kv_heads
+
+    @property
+    def is_vision(self) -> bool:
+        return self.vision is not None
+
+    @property
+    def embed_rows(self) -> int:
+        """Rows of the token embedding: the vocabulary, plus the image rows of a vision model."""
+        return self.vocab_size + (IMAGE_EMBED_ROWS if self.vision is not None else 0)
+
+    @property
+    def total_layers(self) -> int:
+        """Self-attention plus cross-attention layers (Hugging Face's num_hidden_layers for Mllama)."""
+        return self.num_layers + len(self.cross_attention_layers)
+
+    def self_layer_hf_index(self, i: int) -> int:
+        """The Hugging Face layer index of self-attention layer i (cross layers interleave the numbering)."""
+        return [j for j in range(self.total_layers) if j not in self.cross_attention_layers][i]
 
     def replace(self, **changes) -> "LlamaConfig":
         """A copy with some fields changed (validated again)."""
@@ -186,6 +375,13 @@ class LlamaConfig:
     def from_hf(cls, path_or_dict: PathOrDict, **overrides) -> "LlamaConfig":
         """Read a Hugging Face `config.json` (a file, a directory holding one, or its dict)."""
         d, where = read_json(path_or_dict, "config.json")
+        arch = d.get("architectures") or []
+        if d.get("model_type") == "mllama" or "MllamaForConditionalGeneration" in arch:
+            return cls._from_hf_mllama(d, where, overrides)
+        return cls._from_hf_text(d, where, overrides)
+
+    @classmethod
+    def _from_hf_text(cls, d: dict, where: str, overrides: dict) -> "LlamaConfig":
         arch = d.get("architectures") or []
         if d.get("model_type") not in (None, "llama") and "LlamaForCausalLM" not in arch:
             raise ConfigError(f"{where}: model_type={d.get('model_type')!r} is not a Llama model "
@@ -238,8 +434,42 @@ class LlamaConfig:
         )
         return _construct(cls, kwargs, overrides, where)
 
+    @classmethod
+    def _from_hf_mllama(cls, d: dict, where: str, overrides: dict) -> "LlamaConfig":
+        """A Llama 3.2 Vision config.json: `text_config` (a Llama 3.1 text model whose num_hidden_layers counts the
+        cross-attention layers too) and `vision_config`. Absent keys take MllamaTextConfig's defaults."""
+        for key in ("text_config", "vision_config"):
+            if not isinstance(d.get(key), Mapping):
+                raise ConfigError(f"{where}: model_type 'mllama' needs a {key} object, found {d.get(key)!r:.60}")
+        text = dict(d["text_config"])
+        cross = text.pop("cross_attention_layers", None) or [3, 8, 13, 18, 23, 28, 33, 38]
+        if not isinstance(cross, (list, tuple)) or not all(isinstance(i, int) for i in cross):
+            raise ConfigError(f"{where}: text_config.cross_attention_layers={cross!r:.60}: expected a list of "
+                              "layer indices")
+        for key, default in (("vocab_size", 128256), ("hidden_size", 4096), ("intermediate_size", 14336),
+                             ("num_hidden_layers", 40), ("num_attention_heads", 32), ("num_key_value_heads", 8),
+                             ("rms_norm_eps", 1e-5), ("max_position_embeddings", 131072),
+                             ("bos_token_id", 128000), ("eos_token_id", 128001)):
+            text.setdefault(key, default)
+        if not (text.get("rope_theta") or (text.get("rope_parameters") or {}).get("rope_theta")):
+            text["rope_theta"] = 500000.0
+        layers = _number(text, "num_hidden_layers", f"{where}: text_config")
+        if layers <= len(cross):
+            raise ConfigError(f"{where}: text_config.num_hidden_layers={layers} must exceed the "
+                              f"{len(cross)} cross_attention_layers it counts")
+        text.update(model_type="llama", architectures=[], num_hidden_layers=layers - len(cross),
+                    # transformers never ties Mllama's head: the embedding has the image rows, the head has not.
+                    tie_word_embeddings=False)
+        vision = VisionConfig.from_hf_dict(d["vision_config"], f"{where}: vision_config")
+        image_token = _number(d, "image_token_index", where, int, 128256)
+        return cls._from_hf_text(text, f"{where}: text_config", {
+            "vision": vision, "cross_attention_layers": tuple(cross), "image_token_id": image_token, **overrides})
+
     def to_hf_dict(self) -> dict:
-        """A `config.json` dict that transformers' LlamaForCausalLM loads."""
+        """A `config.json` dict that transformers' LlamaForCausalLM loads (MllamaForConditionalGeneration for a
+        vision model)."""
+        if self.vision is not None:
+            return self._to_hf_mllama()
         eos = list(self.eos_token_id)
         torch_dtype = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}[self.param_dtype]
         return {
@@ -256,6 +486,20 @@ class LlamaConfig:
             "initializer_range": self.initializer_range, "pretraining_tp": 1, "use_cache": True,
             "torch_dtype": torch_dtype,
         }
+
+    def _to_hf_mllama(self) -> dict:
+        text = dataclasses.replace(self, vision=None, cross_attention_layers=(), image_token_id=None).to_hf_dict()
+        dtype = text.pop("torch_dtype")
+        for key in ("architectures", "attention_bias", "mlp_bias", "pretraining_tp", "head_dim"):
+            text.pop(key)
+        text.update(model_type="mllama_text_model", num_hidden_layers=self.total_layers,
+                    cross_attention_layers=list(self.cross_attention_layers),
+                    # The released configs pad with <|finetune_right_pad_id|>; transformers' default (128004)
+                    # must name an embedding row, so a small test vocabulary writes none.
+                    pad_token_id=128004 if self.embed_rows > 128004 else None)
+        return {"architectures": ["MllamaForConditionalGeneration"], "model_type": "mllama",
+                "image_token_index": self.image_token_id, "text_config": text,
+                "vision_config": self.vision.to_hf_dict(), "torch_dtype": dtype}
 
     # ------------------------------------------------------------------ Meta params.json
     @classmethod

@@ -63,8 +63,22 @@ class SamplingError(LlamaJaxError):
     """A prompt, sampling setting or sampler input that cannot be used."""
 
 
+class ImageError(SamplingError):
+    """An image input (Llama 3.2 Vision) that cannot be used: an unreadable file, a count that does not match
+    the prompt's <|image|> tokens, more tiles than the model has, an image for a text-only model."""
+
+
 class EvalError(LlamaJaxError):
     """An evaluation task, task list or evaluation setting (lm-evaluation-harness) that cannot be used."""
+
+
+class StorageError(LlamaJaxError):
+    """A Cloud Storage path (gs://BUCKET/PATH) that is malformed, missing, or cannot be read or written."""
+
+
+class PublishError(StorageError):
+    """Publishing a finished gs:// output failed part-way: the complete output is kept at its staging prefix
+    (named in the message), and the destination has no marker files, so no reader takes it for a whole one."""
 
 
 class HubError(LlamaJaxError):

@@ -13,6 +13,17 @@ _LLAMA31_SCALING = dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, hig
 _LLAMA31 = dict(_LLAMA3, max_position_embeddings=131072, rope_scaling=_LLAMA31_SCALING)
 _LLAMA32 = dict(_LLAMA31, tie_word_embeddings=True, rope_scaling=dict(_LLAMA31_SCALING, factor=32.0))
 
+# Llama 3.2 Vision: a Llama 3.1 text model (num_layers counts its self-attention layers) with a gated
+# cross-attention layer before every fourth of them (Hugging Face numbering: 3, 8, 13, ...), and the ViT-H/14
+# encoder of VisionConfig's defaults (560-pixel tiles: the released config.json files; llama_models' sku_list
+# says 448 for the 11B base, which its own image transform and the Hub's config do not use).
+_VISION = dict(_LLAMA31, vision={}, image_token_id=128256)
+
+
+def _cross(total):
+    return tuple(range(3, total, 5))
+
+
 # (hidden, intermediate, layers, heads, kv heads)
 def _shape(d, f, layers, heads, kv):
     return dict(hidden_size=d, intermediate_size=f, num_layers=layers, num_heads=heads, num_kv_heads=kv)
@@ -52,9 +63,25 @@ PRESETS = {
     "llama3.2-1b": dict(_LLAMA32, head_dim=64, **_shape(2048, 8192, 16, 32, 8)),
     "llama3.2-3b": dict(_LLAMA32, head_dim=128, **_shape(3072, 8192, 28, 24, 8)),
     "llama3.3-70b": dict(_LLAMA31, eos_token_id=(128001, 128008, 128009), **_shape(8192, 28672, 80, 64, 8)),
+    "llama3.2-11b-vision": dict(_VISION, cross_attention_layers=_cross(40), **_shape(4096, 14336, 32, 32, 8)),
+    "llama3.2-11b-vision-instruct": dict(_VISION, cross_attention_layers=_cross(40),
+                                         eos_token_id=(128001, 128008, 128009), **_shape(4096, 14336, 32, 32, 8)),
+    "llama3.2-90b-vision": dict(_VISION, cross_attention_layers=_cross(100), **_shape(8192, 28672, 80, 64, 8)),
+    "llama3.2-90b-vision-instruct": dict(_VISION, cross_attention_layers=_cross(100),
+                                         eos_token_id=(128001, 128008, 128009), **_shape(8192, 28672, 80, 64, 8)),
+    "llama-guard-3-11b-vision": dict(_VISION, cross_attention_layers=_cross(40),
+                                     eos_token_id=(128001, 128008, 128009), **_shape(4096, 14336, 32, 32, 8)),
     # Small presets: tests (tiny), the CPU demo trained by `python train.py` (small), benchmarks.
     "tiny": dict(vocab_size=256, max_position_embeddings=256, rms_norm_eps=1e-5, rope_theta=10000.0,
                  bos_token_id=1, eos_token_id=(2,), **_shape(64, 128, 2, 4, 2)),
+    # tiny's text model with a cross-attention layer between its two self layers and a 2-layer ViT over 28-pixel
+    # tiles of 2x2 patches (tests).
+    "tiny-vision": dict(vocab_size=256, max_position_embeddings=256, rms_norm_eps=1e-5, rope_theta=10000.0,
+                        bos_token_id=1, eos_token_id=(2,), cross_attention_layers=(1,), image_token_id=256,
+                        vision=dict(hidden_size=32, intermediate_size=64, num_layers=4, num_global_layers=2,
+                                    num_heads=4, image_size=28, patch_size=14, intermediate_layers_indices=(1, 3),
+                                    vision_output_dim=96),
+                        **_shape(64, 128, 2, 4, 2)),
     "small": dict(vocab_size=2048, max_position_embeddings=512, rms_norm_eps=1e-5, rope_theta=10000.0,
                   bos_token_id=1, eos_token_id=(2,), **_shape(256, 704, 4, 8, 4)),
     "bench-20m": dict(vocab_size=8192, max_position_embeddings=2048, bos_token_id=1, eos_token_id=(2,),

@@ -17,11 +17,17 @@ from llama_jax.config import LlamaConfig, dtype_of  # noqa: F401 (dtype_of: re-e
 from llama_jax.model import spec
 
 
+# Spec initializers other than "normal". "gate": Mllama's global vision layers start their tanh gates at pi/4.
+_INITIALIZERS = {"ones": nn.initializers.ones, "zeros": nn.initializers.zeros,
+                 "gate": nn.initializers.constant(math.pi / 4)}
+
+
 def spec_param(module: nn.Module, name: str):
     """The parameter `name` of the spec ("layers/attn/q"), created by `module` (whose scope holds its last key)
     with the spec's shape, initializer and logical axis names (per layer: nn.scan adds the layer axis)."""
-    p, cfg = spec.get(name), module.config
-    init = nn.initializers.ones if p.init == "ones" else nn.initializers.normal(stddev=cfg.initializer_range)
+    cfg = module.config
+    p = spec.get(name, cfg)
+    init = _INITIALIZERS.get(p.init) or nn.initializers.normal(stddev=cfg.initializer_range)
     return module.param(p.path[-1], nn.with_logical_partitioning(init, p.axes), p.shape(cfg),
                         dtype_of(cfg.param_dtype))
 

@@ -25,7 +25,7 @@ from llama_jax.model import spec
 
 # param path -> the axes summed over in its matmul (one scale per remaining index = per output channel): the
 # spec's int8 candidates, e.g. layers/attn/o [L, N, H, D] -> (1, 2)
-_REDUCED_AXES = {p.path: p.reduced_axes() for p in spec.LLAMA if p.quantize}
+_REDUCED_AXES = {p.path: p.reduced_axes() for p in spec.ALL_PARAMS if p.quantize}
 
 
 @jax.tree_util.register_dataclass
