@@ -20,6 +20,9 @@ def parse_args(argv=None):
     p.add_argument("--prompt", default=None, help="text to continue (or, with --chat, the user's message)")
     p.add_argument("--prompts-file", default=None, help="a file of prompts, one per line, sampled as a batch")
     p.add_argument("--chat", action="store_true", help="wrap each prompt in the checkpoint's chat format")
+    p.add_argument("--image", action="append", default=None, metavar="FILE",
+                   help="Llama 3.2 Vision: an image for every prompt (repeat for several); a prompt without "
+                        "<|image|> gets them in front, a chat message gets them before its text")
     p.add_argument("--system", default=None, help="system prompt for --chat")
     p.add_argument("--prefix", default=None, help="Code Llama infilling: the text before the gap (prints the middle)")
     p.add_argument("--suffix", default=None, help="Code Llama infilling: the text after the gap")
@@ -32,6 +35,10 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--int8", action="store_true", help="int8 weight-only matmul weights (about half of bf16)")
     p.add_argument("--dtype", default=None, help="cast the weights and compute, e.g. bfloat16 (default: as stored)")
+    p.add_argument("--attention", default="auto", choices=("auto", "xla", "splash"),
+                   help="the prefill's attention: auto = the Pallas splash kernel on a TPU, XLA elsewhere")
+    p.add_argument("--decode-attention", default="auto", choices=("auto", "xla", "paged"),
+                   help="the decode steps' attention: auto = the Pallas paged kernel on a TPU (bf16), XLA elsewhere")
     p.add_argument("--tensor", type=int, default=1, help="split weights and KV cache over this many devices")
     p.add_argument("--aot", default=None, metavar="TOPOLOGY",
                    help="only compile prefill + one decode step for a TPU slice, e.g. v5e:2x4 (no TPU needed; needs "
@@ -83,13 +90,23 @@ def read_infill(args):
     return None if texts == [None, None] else tuple(t or "" for t in texts)
 
 
+def image_prompts(prompts, files, chat: bool):
+    """--image FILE...: (prompts, images) for `generate` — a prompt without <|image|> gets one per file in front
+    — or, with --chat, user contents [image parts with their files, the text part] (images None)."""
+    if chat:
+        return [[{"type": "image", "image": f} for f in files] + [{"type": "text", "text": p}]
+                for p in prompts], None
+    return [p if "<|image|>" in p else "<|image|>" * len(files) + p for p in prompts], [list(files) for _ in prompts]
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.aot:
         from llama_jax import aot
         return aot.sample_cli(args.checkpoint_config or args.checkpoint or DEFAULT_CHECKPOINT, args.aot,
                               batch=args.batch, context=args.context, int8=args.int8,
-                              tensor=args.tensor if args.tensor > 1 else -1)
+                              tensor=args.tensor if args.tensor > 1 else -1, attention=args.attention,
+                              decode_attention=args.decode_attention)
     checkpoint = args.checkpoint or DEFAULT_CHECKPOINT
     if not os.path.isdir(checkpoint) and not checkpoint.startswith("hf://"):  # hf://org/name: fetched on load
         if args.checkpoint is None:
@@ -113,14 +130,20 @@ def main(argv=None) -> int:
             if args.tensor > len(jax.devices()):
                 raise SamplingError(f"--tensor {args.tensor}: only {plural(len(jax.devices()), 'device')}")
             mesh = make_mesh(fsdp=1, tensor=args.tensor, devices=jax.devices()[:args.tensor])
-        sampler = Sampler.load(checkpoint, mesh=mesh, int8=args.int8, dtype=args.dtype)
+        sampler = Sampler.load(checkpoint, mesh=mesh, int8=args.int8, dtype=args.dtype, attention=args.attention,
+                               decode_attention=args.decode_attention)
         knobs = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                      top_p=args.top_p, seed=args.seed)
+        if args.image:  # Llama 3.2 Vision: the images go with every prompt
+            if infill is not None:
+                raise SamplingError("--image works with --prompt / --prompts-file / --chat, not with infilling")
+            prompts, knobs["images"] = image_prompts(prompts, args.image, args.chat)
         if infill is not None:  # Code Llama fill-in-the-middle: print the middle only
             print(sampler.infill(*infill, **knobs))
         elif args.chat:
             system = [{"role": "system", "content": args.system}] if args.system else []
             conversations = [system + [{"role": "user", "content": p}] for p in prompts]
+            knobs.pop("images", None)  # in the messages' image parts
             if len(prompts) == 1:
                 sampler.chat(conversations[0], stream=_write, **knobs)
                 print()

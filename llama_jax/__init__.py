@@ -11,7 +11,7 @@ _EXPORTS = {
     "LlamaJaxError": "llama_jax.errors", "ConfigError": "llama_jax.errors",
     "Llama": "llama_jax.model", "init_cache": "llama_jax.model", "init_params": "llama_jax.model",
     "param_shapes": "llama_jax.model", "Sampler": "llama_jax.sampling", "load_tokenizer": "llama_jax.text.tokenizer",
-    "load": "llama_jax.io.loading",
+    "load": "llama_jax.io.loading", "VisionLlama": "llama_jax.model.mllama",
 }
 
 __all__ = list(_EXPORTS)
@@ -23,6 +23,8 @@ def __getattr__(name: str):
         value = getattr(importlib.import_module(_EXPORTS[name]), name)
         globals()[name] = value  # later lookups skip this function
         return value
+    if name == "vision":  # `llama_jax.vision.preprocess(...)` after a bare `import llama_jax`
+        return importlib.import_module("llama_jax.vision")
     raise AttributeError(f"module 'llama_jax' has no attribute {name!r}")
 
 

@@ -16,9 +16,10 @@ from llama_jax.model.transformer import param_shapes  # noqa: E402
 
 TOPOLOGY = "v5e:2x2"
 # small preset (vocab 2048, D 256, 4 layers), bf16 compute over f32 master weights, full remat;
-# 16 sequences of 128 over fsdp=2 x tensor=2.
+# 16 sequences of 128 over fsdp=2 x tensor=2. XLA attention: the checks below count its buffers and FLOPs
+# (the default, auto, would run the splash kernel on a TPU: see test_splash_attention_compiles_for_v5e).
 OVERRIDES = ["model.preset=small", "model.dtype=bfloat16", "model.remat=full", "batch_size=16", "seq_len=128",
-             "mesh.data=1", "mesh.fsdp=2", "mesh.tensor=2"]
+             "mesh.data=1", "mesh.fsdp=2", "mesh.tensor=2", "model.attention=xla"]
 
 
 @pytest.fixture(scope="module")
@@ -185,3 +186,24 @@ def test_qlora_start_up_quantizes_a_70b_stack_in_a_v5e_chip():
     memory = quantize_leaf.lower(jax.ShapeDtypeStruct(shape.shape, jnp.bfloat16, sharding=sharding)).compile(
     ).memory_analysis()
     assert memory.temp_size_in_bytes < 2**30
+
+
+@pytest.mark.slow
+def test_splash_attention_compiles_for_v5e(monkeypatch):
+    """The train step with attention=splash (the default "auto" on a TPU) compiles for v5e:2x2 with the real
+    Mosaic kernel, per shard: fsdp=2 x tensor=2, so the kernel runs under shard_map on 2 of the 4 heads."""
+    texts = []
+    collectives = hlo.collectives
+    monkeypatch.setattr(hlo, "collectives", lambda text, mesh: texts.append(text) or collectives(text, mesh))
+    auto = [o for o in OVERRIDES if not o.startswith("model.attention")]
+    r = aot.compile_train(run_config.build("", auto + ["batch_size=8"]), TOPOLOGY, "splash")
+    assert r.config.attention == "auto" and r.fits
+    xla, expected = r.xla_check  # the analytic count without attention: XLA cannot see inside the kernel
+    assert xla == pytest.approx(expected, rel=0.05)
+    kernels = [line for line in texts[0].splitlines() if "tpu_custom_call" in line]
+    # forward, and the backward's dq and dkv kernels (under full remat the forward also runs again)
+    assert len(kernels) >= 3, kernels[:2]
+    # per shard: rows 8 / fsdp 2, heads / tensor 2 (the whole batch and all heads on every chip without shard_map)
+    cfg = r.config
+    assert f"bf16[4,{cfg.num_heads // 2},128,{cfg.head_dim}]" in kernels[0], kernels[0][:300]
+

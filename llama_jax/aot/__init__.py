@@ -9,6 +9,7 @@ collectives (`llama_jax.aot.hlo`).
     python train.py --config configs/llama3.1-8b.py --aot v5p:2x4x4      # the real train step
     python sample.py --checkpoint-config llama3.1-8b --aot v5e:2x4       # prefill + one decode step
     python -m llama_jax.aot train --config configs/NAME.py --topology v5p:4x4x4
+    python -m llama_jax.aot plan --config configs/NAME.py --topology v5p:4x4x4 --top 1   # rank meshes, remat...
 
 Notes on the numbers. Memory is per device (one chip; v4's topology lists each TensorCore as a device, so
 there a device has half a chip's HBM). XLA's cost analysis counts a while-loop body once, so for a scanned
@@ -20,6 +21,8 @@ compares it with the analytic count of exactly that and gives the analytic step 
     train_report.py   compile_train -> TrainReport          sample_report.py   compile_sample -> SampleReport
     report.py         the report text                        cli.py             the command lines
     hlo.py            reading the compiled HLO text
+    plan.py           the planner: candidates, compiled in workers within a budget, ranked
+    projection.py     projected step time and MFU           plan_report.py     the planner's table and recipes
 """
 
 from llama_jax.aot import hlo

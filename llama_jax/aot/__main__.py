@@ -1,4 +1,4 @@
-"""`python -m llama_jax.aot train|sample ...`: ahead-of-time compilation for TPU slices."""
+"""`python -m llama_jax.aot train|sample|plan ...`: ahead-of-time compilation for TPU slices, and the planner."""
 
 import sys
 

@@ -49,6 +49,8 @@ class Compiled:
     collectives: List[hlo.Collective]
     compile_s: float
     loops: List[Tuple[int, int, str]] = dataclasses.field(default_factory=list)  # hlo.while_loops
+    optimal_seconds: float = 0.0  # cost_analysis: XLA's run-time estimate (while bodies counted once; <= 0: none)
+    bytes_accessed: float = 0.0   # cost_analysis: HBM bytes read and written (while bodies counted once)
 
     @property
     def total(self) -> int:
@@ -83,7 +85,8 @@ def compile_and_analyze(name: str, fn, args: Sequence, inputs: Dict[str, int], m
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     return Compiled(name, inputs, mem.argument_size_in_bytes, mem.output_size_in_bytes, mem.alias_size_in_bytes,
                     mem.temp_size_in_bytes, mem.generated_code_size_in_bytes, float(cost.get("flops", 0.0)),
-                    hlo.collectives(text, dict(mesh.shape)), seconds, hlo.while_loops(text))
+                    hlo.collectives(text, dict(mesh.shape)), seconds, hlo.while_loops(text),
+                    float(cost.get("optimal_seconds", 0.0) or 0.0), float(cost.get("bytes accessed", 0.0) or 0.0))
 
 
 def hardware_flops_per_token(config: LlamaConfig, seq_len: int, train: bool = True) -> float:

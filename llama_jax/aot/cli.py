@@ -1,5 +1,5 @@
-"""`python -m llama_jax.aot train|sample`, `train.py --aot` and `sample.py --aot`: print a report; exit status
-0 if it fits, 1 if not, 2 on bad input."""
+"""`python -m llama_jax.aot train|sample|plan`, `train.py --aot` and `sample.py --aot`: print a report; exit
+status 0 if it fits, 1 if not, 2 on bad input (`plan`: llama_jax.aot.plan_report)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import sys
 
 import jax
 
+from llama_jax.aot import plan_report
 from llama_jax.aot.report import format_does_not_fit, format_sample, format_train
 from llama_jax.aot.sample_report import compile_sample
 from llama_jax.aot.topology import valid_topologies
@@ -50,7 +51,7 @@ def sample_cli(name: str, topology: str, **kw) -> int:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description="Compile train/sample steps for a TPU slice without a TPU.")
+    parser = argparse.ArgumentParser(description="Compile train/sample steps for a TPU slice without a TPU; plan runs.")
     sub = parser.add_subparsers(dest="what", required=True)
     t = sub.add_parser("train", help="the train step of a recipe")
     t.add_argument("--config", default="", help="a recipe file, e.g. configs/llama3.1-8b.py")
@@ -64,7 +65,14 @@ def main(argv=None) -> int:
     s.add_argument("--prompt", type=int, default=0, help="prefill length (default: context / 4)")
     s.add_argument("--int8", action="store_true", help="int8 weights (llama_jax.model.quantize)")
     s.add_argument("--tensor", type=int, default=-1, help="tensor-parallel size (default: all devices)")
+    s.add_argument("--attention", default="auto", choices=("auto", "xla", "splash"),
+                   help="the prefill's attention (auto: the splash kernel on a TPU)")
+    s.add_argument("--decode-attention", default="auto", choices=("auto", "xla", "paged"),
+                   help="the decode step's attention (auto: the Pallas paged kernel on a TPU, bf16 cache)")
+    plan_report.add_parser(sub)
     args = parser.parse_args(argv)
+    if args.what == "plan":
+        return plan_report.plan_cli(args)
     if args.what == "train":
         from llama_jax.training import run_config
         try:
@@ -74,4 +82,5 @@ def main(argv=None) -> int:
             return 2
         return train_cli(cfg, args.topology, args.config)
     return sample_cli(args.checkpoint_config, args.topology, batch=args.batch, context=args.context,
-                      prompt=args.prompt, int8=args.int8, tensor=args.tensor)
+                      prompt=args.prompt, int8=args.int8, tensor=args.tensor, attention=args.attention,
+                      decode_attention=args.decode_attention)

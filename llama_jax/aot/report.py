@@ -65,7 +65,9 @@ def format_train(r: TrainReport) -> str:
     lines += [f"  FLOPs per step (analytic, for MFU): {r.flops_per_step:.3e}; a step takes {at(0.4)} at 40% MFU, "
               f"{at(0.6)} at 60%",
               f"  XLA cost analysis (each loop body once): {xla:.3e} vs analytic {expected:.3e} for one layer "
-              f"and one micro-batch ({100 * (xla / expected - 1):+.1f}%)"]
+              f"and one micro-batch ({100 * (xla / expected - 1):+.1f}%)" if expected == expected else
+              f"  XLA cost analysis (each loop body once): {xla:.3e} (no one-layer comparison: this model's layers "
+              "are several loops and unrolled cross-attention layers)"]
     gathers = weight_gathers_over_tensor(r.compiled.collectives, r.config, r.mesh_shape)
     tensor = split_axes("heads", r.mesh_shape)  # the tensor-parallel mesh axes
     if tensor:
@@ -83,7 +85,8 @@ def format_train(r: TrainReport) -> str:
 
 def format_sample(r: SampleReport) -> str:
     lines = [f"AOT sampling: {r.model}{' int8' if r.int8 else ' bf16'} on {r.topology.name} ({r.topology.chips} chips), "
-             f"mesh {r.mesh_shape}, batch {r.batch}, prompt {r.prompt}, KV cache {r.context} slots"]
+             f"mesh {r.mesh_shape}, batch {r.batch}, prompt {r.prompt}, KV cache {r.context} slots, "
+             f"decode attention {r.decode_attention}"]
     for c in (r.prefill, r.decode):
         lines.append(f" {c.name}:")
         if isinstance(c, DoesNotFit):

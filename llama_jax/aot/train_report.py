@@ -50,11 +50,24 @@ def _abstract_batch(batch_size: int, seq_len: int, sharding) -> dict:
     return dict(ints, loss_mask=jax.ShapeDtypeStruct((batch_size, seq_len), jnp.float32, sharding=sharding))
 
 
+def _abstract_images(config: LlamaConfig, batch_size: int, seq_len: int, sharding) -> dict:
+    """A Llama 3.2 Vision batch's images (training/step.py IMAGE_KEYS): one image of max_num_tiles tiles per
+    row, the processor's float32 pixels, seen by every token."""
+    v = config.vision
+    tiles = v.max_num_tiles
+    shapes = {"pixel_values": ((batch_size, 1, tiles, v.num_channels, v.image_size, v.image_size), jnp.float32),
+              "aspect_ratio_ids": ((batch_size, 1), jnp.int32),
+              "aspect_ratio_mask": ((batch_size, 1, tiles), jnp.int32),
+              "cross_attention_mask": ((batch_size, seq_len, 1, tiles), jnp.int32)}
+    return {k: jax.ShapeDtypeStruct(shape, dt, sharding=sharding) for k, (shape, dt) in shapes.items()}
+
+
 def compile_train(run_config, topology: str, recipe: str = "") -> TrainReport:
     """Compile the train step of `run_config` (a RunConfig) for the TPU slice `topology`: the same optimizer,
     shardings, remat, scan, gradient accumulation, LoRA (and QLoRA's quantized base), objective (DPO) and
     donation as `training.loop.train`, built by the same functions, on abstract inputs."""
     from llama_jax.model import flops as flops_lib
+    from llama_jax.model.splash import runs_splash
     from llama_jax.training import dpo
     from llama_jax.training import step as ts
     from llama_jax.training.optim import build_optimizer
@@ -85,6 +98,8 @@ def compile_train(run_config, topology: str, recipe: str = "") -> TrainReport:
                           opt_state=abstract(jax.eval_shape(optimizer.init, model.shapes), sh.opt_state),
                           frozen=frozen)
     batch = _abstract_batch(cfg.batch_size, cfg.seq_len, batch_sharding(mesh, DEFAULT_RULES))
+    if config.vision is not None:  # the step with an image in every row (the data pipeline's rows are text)
+        batch.update(_abstract_images(config, cfg.batch_size, cfg.seq_len, batch_sharding(mesh, DEFAULT_RULES)))
     step_fn = ts.make_train_step(config, optimizer, mesh, shardings=sh, schedule=schedule,
                                  accum_steps=cfg.grad_accum, combine=model.combine,
                                  objective=dpo.objective(cfg, config))
@@ -97,8 +112,15 @@ def compile_train(run_config, topology: str, recipe: str = "") -> TrainReport:
     tokens = cfg.batch_size * cfg.seq_len
     flops_per_step = flops_lib.train_flops_per_token(config, cfg.seq_len) * tokens
     # XLA counts the layer scan (and the accumulation scan) once: compare with one layer, one micro-batch.
-    one = config.replace(num_layers=1)
-    expected = hardware_flops_per_token(one, cfg.seq_len) * tokens / cfg.grad_accum
+    # Llama 3.2 Vision's self layers are several scans and its cross layers unrolled: no one-layer figure.
+    one = config.replace(num_layers=1) if config.vision is None else None
+    expected = (hardware_flops_per_token(one, cfg.seq_len) * tokens / cfg.grad_accum if one is not None
+                else float("nan"))
+    with jax.set_mesh(mesh):  # the slice's platform decides attention="auto"
+        splash = runs_splash(config, cfg.seq_len, from_zero=True)
+    if splash and one is not None:  # the Pallas kernel is a custom call: XLA counts none of attention's FLOPs
+        attention = hardware_flops_per_token(one, cfg.seq_len) - hardware_flops_per_token(one, 0)
+        expected -= attention * tokens / cfg.grad_accum
     check = (compiled.xla_flops * len(topo.devices), expected)
     return TrainReport(recipe, topo, dict(mesh.shape), config, cfg.batch_size, cfg.seq_len, cfg.grad_accum,
                        compiled, flops_per_step, check)

@@ -76,7 +76,8 @@ def read_block(source: Source, leaf: Leaf, index: Tuple[slice, ...], dtype) -> n
     index = tuple(index) + (slice(None),) * (len(leaf.shape) - len(index))
     if leaf.stacked:
         layers = range(*index[0].indices(leaf.shape[0]))
-        parts = [p.from_hf(source.read(p.hf_name(i)), config)[index[1:]].astype(dtype, copy=False) for i in layers]
+        parts = [p.from_hf(source.read(p.hf_name(p.hf_layer(config, i))), config)[index[1:]].astype(dtype, copy=False)
+                 for i in layers]  # our stacked layer i is checkpoint layer hf_layer(i) (Mllama interleaves)
         if len(parts) == 1:  # the converter's case: one layer, no extra copy
             return parts[0][None]
         return np.stack(parts) if parts else np.zeros((0,) + leaf.shape[1:], dtype)
@@ -91,7 +92,7 @@ def read_block(source: Source, leaf: Leaf, index: Tuple[slice, ...], dtype) -> n
 
 
 def hf_blocks(read, leaf: Leaf, layer: Optional[int], config: LlamaConfig):
-    """The inverse: the checkpoint tensor of `leaf` (one layer of it when stacked) as row blocks, from
+    """The inverse: the checkpoint tensor of `leaf` (our stacked `layer` of it when stacked) as row blocks, from
     `read(leaf_name, index) -> our array`, one layer / row block at a time."""
     p = leaf.param
     if layer is not None:

@@ -21,14 +21,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 import re
 from typing import Dict, Optional, Sequence, Tuple
 
 import numpy as np
 
 from llama_jax.config import ConfigError, LlamaConfig, dtype_of
-from llama_jax.io import integrity
+from llama_jax.io import integrity, paths
 from llama_jax.model import spec
 from llama_jax.model.spec import PARAM_LAYOUT
 from llama_jax.errors import CheckpointError, CorruptCheckpointError  # noqa: F401 (also re-exported)
@@ -45,6 +44,10 @@ FORMAT_VERSION = 1
 def config_to_dict(config: LlamaConfig) -> dict:
     d = dataclasses.asdict(config)
     d["eos_token_id"] = list(config.eos_token_id)
+    # How attention runs is the reader's machine's choice (a run trained with splash on a TPU reads back as
+    # "auto", XLA on a CPU); leaving it out also keeps llama_jax.json as it was, readable by older versions.
+    d.pop("attention", None)
+    d.pop("decode_attention", None)
     return d
 
 
@@ -60,7 +63,7 @@ def config_from_dict(d: dict, where: str = METADATA_FILE) -> LlamaConfig:
 
 
 def is_checkpoint(path: str) -> bool:
-    return os.path.isfile(os.path.join(path, METADATA_FILE))
+    return paths.isfile(paths.join(path, METADATA_FILE))
 
 
 def write_metadata(directory: str, config: LlamaConfig, dtype: str, source: Optional[dict] = None,
@@ -70,18 +73,17 @@ def write_metadata(directory: str, config: LlamaConfig, dtype: str, source: Opti
             "config": config_to_dict(config), "source": source or {}}
     if checksums is not None:
         meta["checksums"] = {"algorithm": integrity.ALGORITHM, "arrays": dict(sorted(checksums.items()))}
-    with open(os.path.join(directory, METADATA_FILE), "w") as f:
-        json.dump(meta, f, indent=2)
-        f.write("\n")
+    with paths.open(paths.join(directory, METADATA_FILE), "w") as f:
+        f.write(json.dumps(meta, indent=2) + "\n")
 
 
 def read_metadata(directory: str) -> Tuple[dict, LlamaConfig]:
     """(metadata dict, config) of a llama_jax checkpoint; refuses other formats and layouts by name."""
-    path = os.path.join(directory, METADATA_FILE)
-    if not os.path.isfile(path):
+    path = paths.join(directory, METADATA_FILE)
+    if not paths.isfile(path):
         raise CheckpointError(f"{directory}: not a llama_jax checkpoint (no {METADATA_FILE})")
     try:
-        with open(path) as f:
+        with paths.open(path) as f:
             meta = json.load(f)
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{path}: not valid JSON ({e})") from None
@@ -90,7 +92,7 @@ def read_metadata(directory: str) -> Tuple[dict, LlamaConfig]:
     if meta.get("param_layout") != PARAM_LAYOUT:
         raise CheckpointError(f"{path}: parameters are in layout {meta.get('param_layout')!r}, but this llama_jax "
                               f"reads {PARAM_LAYOUT!r}; convert the checkpoint again from its source")
-    if not os.path.isdir(os.path.join(directory, PARAMS_DIR)):
+    if not paths.isdir(paths.join(directory, PARAMS_DIR)):
         raise CheckpointError(f"{directory}: has {METADATA_FILE} but no {PARAMS_DIR}/ directory")
     return meta, config_from_dict(meta.get("config", {}), path)
 
@@ -108,7 +110,7 @@ class ParamsWriter:
         import orbax.checkpoint as ocp
         import tensorstore as ts
 
-        self.params_dir = os.path.join(directory, PARAMS_DIR)
+        self.params_dir = paths.join(directory, PARAMS_DIR)  # local or gs:// (Orbax and tensorstore speak both)
         placeholders = {}
         for path, shape, axis, block in leaves:
             small = list(shape)
@@ -138,23 +140,23 @@ class ParamsWriter:
 
 # ---------------------------------------------------------------------------------------------- reading
 def _orbax_tree_metadata(params_dir: str) -> dict:
-    path = os.path.join(params_dir, "_METADATA")
+    path = paths.join(params_dir, "_METADATA")
     try:
-        with open(path) as f:
+        with paths.open(path) as f:
             return json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
+    except (OSError, json.JSONDecodeError, paths.StorageError) as e:
         raise CheckpointError(f"{path}: cannot read Orbax tree metadata ({e})") from None
 
 
 def leaf_spec(params_dir: str, name: str, fill_missing: bool = True) -> dict:
     """Tensorstore spec of one leaf of an Orbax parameter checkpoint (zarr or zarr3, OCDBT or not). Readers
     pass fill_missing=False: a chunk missing from disk is then an error, not the fill value (zeros)."""
-    meta = _orbax_tree_metadata(params_dir) if os.path.isfile(os.path.join(params_dir, "_METADATA")) else {}
+    meta = _orbax_tree_metadata(params_dir) if paths.isfile(paths.join(params_dir, "_METADATA")) else {}
     driver = "zarr3" if meta.get("use_zarr3") else "zarr"
-    if os.path.isfile(os.path.join(params_dir, "manifest.ocdbt")):
-        kvstore = {"driver": "ocdbt", "base": f"file://{os.path.abspath(params_dir)}", "path": name}
-    else:
-        kvstore = {"driver": "file", "path": os.path.join(os.path.abspath(params_dir), name)}
+    if paths.isfile(paths.join(params_dir, "manifest.ocdbt")):
+        kvstore = {"driver": "ocdbt", "base": paths.url(params_dir), "path": name}
+    else:  # the file driver locally, the gcs driver for gs://
+        kvstore = paths.kvstore(paths.join(params_dir, name))
     out = {"driver": driver, "kvstore": kvstore}
     if not fill_missing:
         out["fill_missing_data_reads"] = False
@@ -215,7 +217,7 @@ def restore_params(directory: str, dtype: Optional[str] = None, shardings=None) 
     stored = meta.get("dtype") or config.param_dtype
     dtype = dtype or stored
     config = config.replace(param_dtype=dtype)
-    params_dir = os.path.join(directory, PARAMS_DIR)
+    params_dir = paths.join(directory, PARAMS_DIR)
     _check_tree(params_dir, config)
     shapes = spec.param_shapes(config)
     if shardings is None:
@@ -225,7 +227,7 @@ def restore_params(directory: str, dtype: Optional[str] = None, shardings=None) 
                           shapes, shardings)
     try:
         with ocp.StandardCheckpointer() as ckptr:
-            params = ckptr.restore(os.path.abspath(params_dir), target)
+            params = ckptr.restore(paths.absolute(params_dir), target)
     except Exception as e:  # noqa: BLE001 - Orbax and tensorstore raise bare Exceptions with the whole spec
         raise CorruptCheckpointError(f"{params_dir}: cannot read the stored arrays: {read_error(e)}") from None
     if meta.get("checksums") is None:
@@ -255,7 +257,7 @@ class ParamsReader:
         import tensorstore as ts
 
         self.meta, self.config = read_metadata(directory)
-        self.params_dir = os.path.join(directory, PARAMS_DIR)
+        self.params_dir = paths.join(directory, PARAMS_DIR)
         _check_tree(self.params_dir, self.config)
         self._ts, self._arrays = ts, {}
         self._checksums = self.meta.get("checksums")

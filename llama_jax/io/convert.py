@@ -34,7 +34,7 @@ from llama_jax.config import dtype_of
 from llama_jax.errors import ConversionError, LlamaJaxError
 from llama_jax.io.blocks import hf_blocks, leaves, read_block
 from llama_jax.io.checkpoint import ParamsReader, ParamsWriter, write_metadata
-from llama_jax.io import hub
+from llama_jax.io import hub, paths
 from llama_jax.io.formats import open_source
 from llama_jax.io.safetensors_io import SafetensorsWriter
 from llama_jax.io.source import copy_files, tokenizer_files_in
@@ -52,7 +52,11 @@ def _progress(total: int, desc: str, enabled: bool):
 @contextlib.contextmanager
 def staged_output(dst: str, force: bool = False, src: Optional[str] = None):
     """Yields a temporary directory beside `dst`; on success it becomes `dst` (replacing it with `force`),
-    on any failure it is removed and `dst` is untouched."""
+    on any failure it is removed and `dst` is untouched. A gs:// `dst`: see `_staged_remote`."""
+    if paths.is_remote(dst):
+        with _staged_remote(dst, force, src) as tmp:
+            yield tmp
+        return
     dst = os.path.abspath(dst)
     _clean_stale(dst)  # first: it may put back the previous output that a killed run had moved aside
     if os.path.exists(dst) and not os.path.isdir(dst):
@@ -85,6 +89,32 @@ def staged_output(dst: str, force: bool = False, src: Optional[str] = None):
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+@contextlib.contextmanager
+def _staged_remote(dst: str, force: bool, src: Optional[str]):
+    """`staged_output` on Cloud Storage, which has no rename: a staging prefix beside `dst`, published (copied
+    server-side, the marker files last) once complete. A failure before publishing removes it and leaves `dst`
+    untouched; a failure while publishing keeps it and names it (paths.PublishError)."""
+    dst = paths.absolute(dst)
+    paths.require_folder(dst)
+    paths.require_bucket(dst)
+    if paths.isfile(dst):
+        raise ConversionError(f"{dst}: exists and is not a directory")
+    if paths.listdir(dst) and not force:
+        raise ConversionError(f"{dst}: already exists and is not empty; pass --force to replace it")
+    if src is not None and paths.is_remote(src):
+        real_src = paths.absolute(src)
+        if real_src == dst or real_src.startswith(dst + "/"):
+            raise ConversionError(f"{dst}: the destination would replace the source {src}; choose another DST")
+    tmp = paths.staging(dst)  # also removes what an interrupted run left beside dst
+    try:
+        yield tmp
+    except BaseException:
+        with contextlib.suppress(LlamaJaxError):
+            paths.rmtree(tmp)
+        raise
+    paths.publish(tmp, dst)
 
 
 def _clean_stale(dst: str) -> None:
@@ -137,7 +167,8 @@ def convert_to_llama_jax(src: str, dst: str, dtype: Optional[str] = None, force:
                     writer.write(leaf.path, index, read_block(source, leaf, index, np_dtype))
                     bar.update(1)
         tokenizer = source.copy_tokenizer(tmp)
-        origin = src if hub.is_hub(src) else os.path.abspath(src)  # an hf:// name is kept as the user gave it
+        # an hf:// name is kept as the user gave it
+        origin = src if hub.is_hub(src) else paths.absolute(src)
         write_metadata(tmp, config, dtype, {"kind": source.kind, "path": origin,
                                             "tokenizer_files": tokenizer}, checksums=writer.checksums())
     return dst
@@ -181,9 +212,10 @@ def export_to_hf(src: str, dst: str, dtype: Optional[str] = None, max_shard_size
     dtype = dtype or reader.meta.get("dtype") or reader.config.param_dtype
     np_dtype = dtype_of(dtype)
     config = reader.config.replace(param_dtype=dtype)
-    # (HF name, leaf, layer) in file order: the spec's order, each stacked leaf layer by layer
-    tensors = [(leaf.param.hf_name(layer), leaf, layer) for leaf in leaves(config, np_dtype.itemsize)
-               for layer in (range(config.num_layers) if leaf.stacked else (None,))]
+    # (HF name, leaf, our layer) in file order: the spec's order, each stacked leaf layer by layer (a stack's
+    # layer i is named by its checkpoint index: Mllama numbers self and cross layers together)
+    tensors = [(leaf.param.hf_name(hf_layer), leaf, layer) for leaf in leaves(config, np_dtype.itemsize)
+               for layer, hf_layer in (enumerate(leaf.param.hf_layers(config)) if leaf.stacked else ((None, None),))]
     leaf_of = {name: (leaf, layer) for name, leaf, layer in tensors}
     specs = [(name, np_dtype, leaf.param.hf_shape(config)) for name, leaf, _ in tensors]
     shards = plan_shards(specs, parse_size(max_shard_size))
@@ -191,26 +223,44 @@ def export_to_hf(src: str, dst: str, dtype: Optional[str] = None, max_shard_size
         weight_map, total = {}, 0
         for k, shard in enumerate(shards):
             filename = f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
-            with SafetensorsWriter(os.path.join(tmp, filename), shard, {"format": "pt"}) as w:
+            with SafetensorsWriter(paths.join(tmp, filename), shard, {"format": "pt"}) as w:
                 for name, _, shape in shard:
                     for block in hf_blocks(reader.read, *leaf_of[name], config):
                         w.write(name, block.astype(np_dtype))
                     weight_map[name] = filename
                     total += np_dtype.itemsize * int(np.prod(shape))
                     bar.update(1)
-        with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
-            json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
-        with open(os.path.join(tmp, "config.json"), "w") as f:
-            json.dump(config.to_hf_dict(), f, indent=2)
+        with paths.open(paths.join(tmp, "model.safetensors.index.json"), "w") as f:
+            f.write(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+        with paths.open(paths.join(tmp, "config.json"), "w") as f:
+            f.write(json.dumps(config.to_hf_dict(), indent=2))
         _copy_tokenizer(src, tmp)
+    return dst
+
+
+def to_gguf(src: str, dst: str, type: str = "f16", force: bool = False, progress: bool = True) -> str:
+    """`export_to_gguf`, also to a gs:// `dst`: the file is written in a local temporary directory and uploaded
+    (one object, which appears whole once its upload completes)."""
+    from llama_jax.io.gguf_export import export_to_gguf
+
+    if not paths.is_remote(dst):
+        return export_to_gguf(src, dst, type, force, progress)
+    dst = paths.absolute(dst)
+    paths.require_bucket(dst)
+    if paths.isdir(dst):
+        raise ConversionError(f"{dst}: is a directory; --to-gguf writes one file (e.g. {dst}/model.gguf)")
+    if paths.exists(dst) and not force:
+        raise ConversionError(f"{dst}: already exists; pass --force to replace it")
+    with tempfile.TemporaryDirectory(prefix="llama_jax-gguf-") as tmp:
+        paths.copy_file(export_to_gguf(src, os.path.join(tmp, paths.basename(dst)), type, True, progress), dst)
     return dst
 
 
 # ---------------------------------------------------------------------------------------------- CLI
 def _size_of(directory: str) -> str:
     """'12 files, 2.47 GB': what the converter wrote, for its one line on success."""
-    sizes = [os.path.getsize(os.path.join(root, f)) for root, _, files in os.walk(directory) for f in files]
-    return f"{len(sizes)} files, {hub.format_bytes(sum(sizes))}"
+    count, total = paths.du(directory)
+    return f"{count} files, {hub.format_bytes(total)}"
 
 
 def main(argv=None) -> int:
@@ -246,10 +296,8 @@ def main(argv=None) -> int:
         if args.push_to_hub:
             hub.check_repo_id(args.push_to_hub)  # before the export, not after it
         if args.to_gguf:
-            from llama_jax.io.gguf_export import export_to_gguf
-
-            export_to_gguf(args.src, args.dst, args.type, args.force, not args.no_progress)
-            print(f"wrote a GGUF file ({args.type}) to {args.dst}: {hub.format_bytes(os.path.getsize(args.dst))}")
+            to_gguf(args.src, args.dst, args.type, args.force, not args.no_progress)
+            print(f"wrote a GGUF file ({args.type}) to {args.dst}: {hub.format_bytes(paths.getsize(args.dst))}")
         elif args.to_hf:
             export_to_hf(args.src, args.dst, args.dtype, args.max_shard_size, args.force, not args.no_progress)
             print(f"wrote a Hugging Face directory (safetensors) to {args.dst}: {_size_of(args.dst)}")

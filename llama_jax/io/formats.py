@@ -15,11 +15,11 @@ from typing import Callable, List, Optional, Tuple
 
 from llama_jax.config import LlamaConfig
 from llama_jax.errors import ConfigError, ConversionError
-from llama_jax.io import checkpoint, hub
+from llama_jax.io import checkpoint, hub, paths
 from llama_jax.io.gguf import GGUFSource, is_gguf
 from llama_jax.io.hf import HFSource, is_hf_dir
 from llama_jax.io.meta import MetaSource, is_meta_dir
-from llama_jax.io.source import Source, check_source
+from llama_jax.io.source import TOKENIZER_FILES, Source, check_source
 
 LoadFn = Callable[..., Tuple[LlamaConfig, dict]]  # (path, dtype, mesh, rules) -> (config, params)
 
@@ -43,14 +43,24 @@ def register(fmt: Format, first: bool = False) -> None:
 
 
 def resolve(path) -> str:
-    """The local directory `path` names: hf://org/name[@revision] is fetched through the Hugging Face cache
-    (io/hub.py); any other path is returned as it is."""
+    """The directory `path` names: hf://org/name[@revision] is fetched through the Hugging Face cache
+    (io/hub.py); a gs:// llama_jax checkpoint or training workdir stays in the bucket (Orbax and tensorstore read
+    it there, each host only its devices' slices); any other gs:// directory or file (Hugging Face, Meta, GGUF:
+    their readers memory-map local files) is copied once into the local cache (io/paths.py); any other path is
+    returned as it is."""
+    if paths.is_remote(path):
+        path = paths.absolute(path)
+        if checkpoint.is_checkpoint(path) or checkpoint.is_checkpoint(training_workdir_export(path)):
+            return path
+        return paths.local_copy(path, None if path.endswith(".gguf") else hub.WEIGHT_PATTERNS + TOKENIZER_FILES)
     return hub.resolve(path)
 
 
 def find(path: str) -> Format:
     """The first registered format whose `detect(path)` holds; ConversionError naming the known kinds if none."""
     path = resolve(path)
+    if paths.is_remote(path):  # resolve() kept it in the bucket: a llama_jax checkpoint or a workdir
+        return next(f for f in FORMATS if f.name in ("llama_jax", "workdir") and f.detect(path))
     if not os.path.isdir(path) and not os.path.isfile(path):  # a file: one-file formats (GGUF)
         raise ConversionError(f"{path}: no such {'file' if path.endswith('.gguf') else 'directory'}")
     for fmt in FORMATS:
@@ -76,7 +86,7 @@ def open_source(path) -> Source:
 
 
 def training_workdir_export(path: str) -> str:
-    return os.path.join(path, "export")
+    return paths.join(path, "export")
 
 
 def _load_training_workdir(path, dtype, mesh, rules):

@@ -47,6 +47,7 @@ def export_to_gguf(src: str, dst: str, type: str = "f16", force: bool = False, p
         raise ConversionError(f"{dst}: is a directory; --to-gguf writes one file (e.g. {dst}/model.gguf)")
     if os.path.exists(dst) and not force:
         raise ConversionError(f"{dst}: already exists; pass --force to replace it")
+    _refuse_vision(src)
     os.makedirs(os.path.dirname(dst), exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(dst)}.tmp-", dir=os.path.dirname(dst))
     os.close(fd)
@@ -60,6 +61,16 @@ def export_to_gguf(src: str, dst: str, type: str = "f16", force: bool = False, p
         if os.path.exists(tmp):
             os.remove(tmp)
     return dst
+
+
+def _refuse_vision(src: str) -> None:
+    """GGUF's `llama` architecture has no image encoder or cross-attention layers (llama.cpp keeps a vision
+    model's encoder in a separate mmproj file of its own layout): a Llama 3.2 Vision checkpoint is refused."""
+    from llama_jax.io.checkpoint import is_checkpoint, read_metadata
+
+    if is_checkpoint(src) and read_metadata(src)[1].vision is not None:
+        raise ConversionError(f"{src}: is a Llama 3.2 Vision checkpoint; GGUF (general.architecture = llama) "
+                              "cannot hold its image encoder and cross-attention layers: export it with --to-hf")
 
 
 def _tensors(config) -> List[Tuple[str, object, Optional[int]]]:
@@ -87,7 +98,12 @@ def _write(src: str, path: str, type: str, progress: bool) -> None:
     config = reader.config
     qtype, ftype = TYPES[type]
     writer = gguf.GGUFWriter(path, "llama")
-    for key, (value, kind) in {**metadata_of(config, ftype), **tokenizer_metadata(src)}.items():
+    from llama_jax.io import paths
+    from llama_jax.io.source import TOKENIZER_FILES
+
+    # a gs:// checkpoint's tokenizer files are read from the local cache (io/paths.py)
+    tok_dir = paths.local_copy(src, TOKENIZER_FILES) if paths.is_remote(src) else src
+    for key, (value, kind) in {**metadata_of(config, ftype), **tokenizer_metadata(tok_dir)}.items():
         getattr(writer, f"add_{kind}")(key, value)
     plan = []
     for name, leaf, layer in _tensors(config):

@@ -22,7 +22,8 @@ PREFIX = "hf://"
 WEIGHT_PATTERNS = ("*.safetensors", "model.safetensors.index.json", "config.json", "params.json",
                    "consolidated.*.pth")
 TOKENIZER_PATTERNS = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                      "added_tokens.json", "chat_template.jinja", "chat_template.json", "generation_config.json")
+                      "added_tokens.json", "chat_template.jinja", "chat_template.json", "generation_config.json",
+                      "preprocessor_config.json", "processor_config.json")  # Llama 3.2 Vision's image settings
 LOGIN = "log in with `hf auth login` (or set HF_TOKEN to a token from https://huggingface.co/settings/tokens)"
 _NAME = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 

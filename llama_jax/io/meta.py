@@ -23,6 +23,21 @@ def is_meta_dir(path: str) -> bool:
             or bool(glob.glob(os.path.join(path, "consolidated.*.pth"))))
 
 
+def _refuse_vision(params_path: str) -> None:
+    """Llama 3.2 Vision's .pth files (params.json with vision_* keys) hold the encoder in Meta's own layout,
+    which is not read: the Hugging Face repos of the same models are (refused before the shards are opened)."""
+    try:
+        params, _ = read_json(params_path, "params.json")
+    except Exception:  # noqa: BLE001 - a bad params.json is reported where the config is read
+        return
+    keys = sorted(k for k in params if isinstance(k, str) and k.startswith("vision_")) if isinstance(
+        params, dict) else []
+    if keys:
+        raise ConversionError(f"{params_path}: a Llama 3.2 Vision checkpoint ({keys[0]} = {params[keys[0]]!r}); "
+                              "Meta's .pth layout of a vision model is not read: convert its Hugging Face "
+                              "directory (e.g. meta-llama/Llama-3.2-11B-Vision) instead")
+
+
 class MetaSource(Source):
     """Meta's original directory: params.json + consolidated.NN.pth model-parallel shards (+ tokenizer.model).
     Torch is imported here only; shards are memory-mapped, so a tensor is read when it is converted."""
@@ -41,6 +56,7 @@ class MetaSource(Source):
         if not os.path.isfile(params_path):
             raise ConversionError(f"{params_path}: file not found (a Meta checkpoint needs params.json next to "
                                   "its consolidated.NN.pth files)")
+        _refuse_vision(params_path)
         paths = sorted(glob.glob(os.path.join(directory, "consolidated.*.pth")))
         if not paths:
             raise ConversionError(f"{directory}: no consolidated.NN.pth files next to params.json")

@@ -22,6 +22,7 @@ import ml_dtypes  # also registers the name "bfloat16" with numpy, which the lib
 import numpy as np
 import safetensors
 from llama_jax.errors import SafetensorsError  # noqa: F401 (also re-exported)
+from llama_jax.io import paths
 
 DTYPES = {"F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
           "BF16": np.dtype(ml_dtypes.bfloat16), "I64": np.dtype(np.int64), "I32": np.dtype(np.int32),
@@ -177,7 +178,7 @@ class SafetensorsWriter:
         raw = json.dumps(header, separators=(",", ":")).encode()
         raw += b" " * (-len(raw) % 8)  # data starts 8-byte aligned
         self._dtypes = {name: np.dtype(dtype) for name, dtype, _ in specs}
-        self._f = open(path, "wb")
+        self._f = paths.open(path, "wb")  # a gs:// upload streams in blocks (gcsfs), appears whole on close
         self._f.write(struct.pack("<Q", len(raw)) + raw)
         self._index, self._written = 0, 0
 

@@ -15,11 +15,14 @@ import numpy as np
 
 from llama_jax.config import LlamaConfig
 from llama_jax.errors import ConversionError, LayoutError
+from llama_jax.io import paths
 from llama_jax.model import spec
 
 # Files copied with the weights: the tokenizer and chat template, and the generation defaults.
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                   "added_tokens.json", "chat_template.jinja", "chat_template.json", "generation_config.json")
+                   "added_tokens.json", "chat_template.jinja", "chat_template.json", "generation_config.json",
+                   # a vision model's image preprocessing (llama_jax.vision.preprocess reads it) and processor
+                   "preprocessor_config.json", "processor_config.json")
 
 
 class Source:
@@ -65,7 +68,8 @@ class Source:
 
     def ignored(self, name: str) -> bool:
         """A tensor that is not a parameter (old rotary buffers) or a tied head stored anyway."""
-        return spec.is_ignored_hf(name) or (name == spec.get("lm_head").hf and self.config.tie_word_embeddings)
+        return spec.is_ignored_hf(name) or (name == spec.get("lm_head", self.config).hf
+                                            and self.config.tie_word_embeddings)
 
 
 def check_source(source: Source) -> None:
@@ -73,13 +77,14 @@ def check_source(source: Source) -> None:
     unknown is there."""
     config = source.config
     names = set(source.names())
-    _check_layer_count(source, names)  # before the spec's names are enumerated for config.num_layers
-    expected = {p.hf_name(i): (p, i) for p in spec.params(config)
-                for i in (range(config.num_layers) if p.stacked else (None,))}
+    _check_layer_count(source, names)  # before the spec's names are enumerated for the config's layer counts
+    expected = {p.hf_name(i): (p, i) for p in spec.params(config) for i in p.hf_layers(config)}
     unknown = sorted(n for n in names - set(expected) if not source.ignored(n))
     if unknown:
-        raise ConversionError(f"{source.where(unknown[0])}: unknown tensor name {unknown[0]!r} for a Llama "
-                              f"model{f' (and {len(unknown) - 1} more)' if len(unknown) > 1 else ''}")
+        model = ("Llama model" if config.vision is None else
+                 f"Llama 3.2 Vision model with cross_attention_layers={list(config.cross_attention_layers)}")
+        raise ConversionError(f"{source.where(unknown[0])}: unknown tensor name {unknown[0]!r} for a {model}"
+                              f"{f' (and {len(unknown) - 1} more)' if len(unknown) > 1 else ''}")
     missing = [n for n in expected if n not in names]
     if missing:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
@@ -96,13 +101,28 @@ def check_source(source: Source) -> None:
 def _check_layer_count(source: Source, names) -> None:
     """The config's layer count against the layers the files hold, so that a config.json claiming 10**9 layers
     is refused at once instead of building 10**9 tensor names (and gigabytes) first."""
+    config = source.config
+    if config.vision is not None:  # Mllama: the text layers (self + cross) and the two ViT stacks
+        counts = (("num_layers + cross_attention_layers", config.total_layers, "language_model.model.layers."),
+                  ("vision num_layers", config.vision.num_layers, "vision_model.transformer.layers."),
+                  ("vision num_global_layers", config.vision.num_global_layers,
+                   "vision_model.global_transformer.layers."))
+        for what, count, prefix in counts:
+            held = {n[len(prefix):].split(".", 1)[0] for n in names if n.startswith(prefix)}
+            if count > len(held):
+                raise ConversionError(f"{source.directory}: the config says {what}={count}, but the checkpoint's "
+                                      f"files hold tensors for {len(held)} such layer(s)")
+        return
     held = {m[1] for m in map(spec.match_hf, names) if m is not None and m[1] is not None}
-    if source.config.num_layers > len(held):
-        raise ConversionError(f"{source.directory}: the config says num_layers={source.config.num_layers}, but "
+    if config.num_layers > len(held):
+        raise ConversionError(f"{source.directory}: the config says num_layers={config.num_layers}, but "
                               f"the checkpoint's files hold tensors for {len(held)} layer(s)")
 
 
 def tokenizer_files_in(directory: str) -> List[str]:
+    if paths.is_remote(directory):  # a gs:// checkpoint (no symlinks in a bucket)
+        present = set(paths.listdir(directory))
+        return [f for f in TOKENIZER_FILES if f in present]
     return [f for f in TOKENIZER_FILES if os.path.lexists(os.path.join(directory, f))]
 
 
@@ -120,9 +140,9 @@ def inside(directory: str, name: str) -> str:
 
 
 def copy_files(src_dir: str, dst_dir: str, names: Sequence[str]) -> List[str]:
-    """Copy `names` from `src_dir` into `dst_dir`, each checked by `inside` first; returns the names."""
-    import shutil
-
+    """Copy `names` from `src_dir` into `dst_dir` (either may be gs://), each local one checked by `inside`
+    first; returns the names."""
     for name in names:
-        shutil.copyfile(inside(src_dir, name), os.path.join(dst_dir, name))
+        src = paths.join(src_dir, name) if paths.is_remote(src_dir) else inside(src_dir, name)
+        paths.copy_file(src, paths.join(dst_dir, name))
     return list(names)

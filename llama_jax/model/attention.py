@@ -14,6 +14,7 @@ import jax.numpy as jnp
 from llama_jax.config import LlamaConfig
 from llama_jax.model.layers import dense, dtype_of, spec_param
 from llama_jax.model.rope import apply_rotary
+from llama_jax.model.splash import splash_attention
 
 KVCache = dict  # {"k": [B, K, H, S], "v": [B, K, S, H]} for one layer; stacked [L, ...] in the model.
 # Each in the layout its attention product reads as it lies (q k: [H, S] keys; p v: [S, H] values), so a decode
@@ -44,11 +45,12 @@ def causal_mask(segment_ids: Optional[jnp.ndarray], batch: int, length: int) -> 
 
 def cache_mask(cache_index: jnp.ndarray, kv_mask: jnp.ndarray, length: int) -> jnp.ndarray:
     """Mask [B, T, S] for T new tokens written at slots cache_index..cache_index+T-1 of a cache whose valid
-    slots are kv_mask [B, S] (False for left padding and for slots not yet written)."""
+    slots are kv_mask [B, S] (False for left padding and for slots not yet written). `cache_index`: one slot
+    for every row, or one per row [B] (the paged decode cache, model/decode_kernel.py)."""
     slots = jnp.arange(kv_mask.shape[1])
-    query_slots = cache_index + jnp.arange(length)
-    causal = slots[None, :] <= query_slots[:, None]  # [T, S]
-    return causal[None] & kv_mask[:, None, :]
+    query_slots = jnp.reshape(cache_index, (-1, 1)) + jnp.arange(length)  # [1 or B, T]
+    causal = slots <= query_slots[..., None]  # [1 or B, T, S]
+    return causal & kv_mask[:, None, :]
 
 
 def _masked_scores(q, k, mask):
@@ -123,8 +125,13 @@ def dot_product_attention(q, k, v, mask, causal_from_zero: bool = False) -> jnp.
     causal, so query rows [i, i + c) see keys < i + c only. Long inputs then run in blocks of QUERY_CHUNK
     rows, each against just the keys it can see: half the [T, S] work, and blocks small enough to stay in
     cache. A row that sees no key at all (left padding) averages over its block's keys instead of over all
-    S; such rows have no meaningful output either way and nothing attends to them."""
+    S; such rows have no meaningful output either way and nothing attends to them.
+
+    `mask` may instead be segment ids [B, T] (int32): `Llama` chose the splash kernel (see model/splash.py),
+    which runs over the first T keys (the only ones written when queries start at slot 0)."""
     b, t, n, h = q.shape
+    if mask.ndim == 2:
+        return splash_attention(q, k[..., :t], v[:, :, :t], mask)
     kv = k.shape[1]
     q = q.reshape(b, t, kv, n // kv, h)  # [B, T, K, G, H]
     if not causal_from_zero or t < max(CHUNKED_FROM, 2 * QUERY_CHUNK):

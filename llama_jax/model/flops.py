@@ -15,7 +15,7 @@ from llama_jax.model import spec
 
 def param_count(config: LlamaConfig, names: Optional[Sequence[str]] = None) -> int:
     """Parameters of the spec's tensors `names` ("layers/attn/q", ...; default: every tensor of the model)."""
-    chosen = spec.params(config) if names is None else (spec.get(n) for n in names)
+    chosen = spec.params(config) if names is None else (spec.get(n, config) for n in names)
     return sum(math.prod(p.full_shape(config)) for p in chosen if p.present(config))
 
 

@@ -13,11 +13,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from llama_jax.model.attention import Attention, cache_mask, causal_mask, write_slots
+from llama_jax.model.attention import Attention, cache_mask, causal_mask, starts_at_zero, write_slots
 from llama_jax.config import LlamaConfig
 from llama_jax.model import spec
 from llama_jax.model.layers import MLP, Embedding, RMSNorm, dense, dtype_of, spec_param
 from llama_jax.model.rope import rotary_tables
+from llama_jax.model.splash import runs_splash
 
 _REMAT_POLICIES = {
     "full": None,  # save nothing: recompute the whole block in the backward pass
@@ -25,6 +26,7 @@ _REMAT_POLICIES = {
     "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
     "save_qkv_proj": jax.checkpoint_policies.save_only_these_names("qkv_proj"),
 }
+REMAT_POLICY_FUNCTIONS = _REMAT_POLICIES  # for layers outside the scanned blocks (Mllama's cross layers)
 
 
 class Block(nn.Module):
@@ -73,14 +75,20 @@ class Llama(nn.Module):
         x = nn.with_logical_constraint(embed(tokens), ("batch", "length", "act_embed"))  # [B, T, D]
         cos, sin = rotary_tables(cfg, positions)
 
-        if cache is None:
+        if runs_splash(cfg, length, starts_at_zero(cache, cache_index)):
+            # The kernel takes segment ids [B, T] in place of a mask: packed documents, or (prefill) the prompt
+            # as segment 1 apart from its left padding, segment 0.
+            ids = segment_ids if cache is None else kv_mask[:, :length] if kv_mask is not None else None
+            mask = jnp.zeros((batch, length), jnp.int32) if ids is None else ids.astype(jnp.int32)
+        elif cache is None:
             mask = causal_mask(segment_ids, batch, length)
         else:
             if cache_index is None:
                 raise ValueError("Llama: a cache needs cache_index (the slot of the first new token)")
             cache_len = self.cache_length(cache)
             if kv_mask is None:
-                kv_mask = jnp.broadcast_to(jnp.arange(cache_len) < cache_index + length, (batch, cache_len))
+                last = jnp.reshape(cache_index, (-1, 1)) + length  # [1 or B, 1]: a slot per row (paged cache)
+                kv_mask = jnp.broadcast_to(jnp.arange(cache_len) < last, (batch, cache_len))
             mask = cache_mask(cache_index, kv_mask, length)
 
         x, new_cache = self.blocks(x, cache, cos, sin, mask, cache_index)
@@ -121,7 +129,11 @@ class Llama(nn.Module):
 
 # The logical axes of the cache arrays (sharding.DEFAULT_RULES maps them onto a mesh); see attention.KVCache.
 CACHE_AXES = {"k": ("layers", "cache_batch", "kv_heads", "head_dim", "cache_length"),
-              "v": ("layers", "cache_batch", "kv_heads", "cache_length", "head_dim")}
+              "v": ("layers", "cache_batch", "kv_heads", "cache_length", "head_dim"),
+              # Llama 3.2 Vision's image keys/values and mask (init_cache's num_images; see model/mllama.py)
+              "cross_k": ("layers", "cache_batch", "kv_heads", "head_dim", "cache_length"),
+              "cross_v": ("layers", "cache_batch", "kv_heads", "cache_length", "head_dim"),
+              "cross_mask": ("cache_batch", "cache_length")}
 
 
 def cache_shapes(config: LlamaConfig, batch: int, max_len: int) -> dict:
@@ -130,15 +142,26 @@ def cache_shapes(config: LlamaConfig, batch: int, max_len: int) -> dict:
     return {"k": (batch, kv, h, max_len), "v": (batch, kv, max_len, h)}
 
 
-def init_cache(config: LlamaConfig, batch: int, max_len: int, dtype=None) -> dict:
+def init_cache(config: LlamaConfig, batch: int, max_len: int, dtype=None, num_images: int = 0) -> dict:
     """An empty KV cache: keys [L, B, K, H, S] and values [L, B, K, S, H] (their logical axes: CACHE_AXES), in
-    the compute dtype unless `dtype` is given."""
+    the compute dtype unless `dtype` is given. `num_images` (a vision config's images per row) adds the
+    cross-attention fields of `model/mllama.py` (cross_k, cross_v, cross_mask)."""
     dt = jnp.dtype(dtype) if dtype is not None else dtype_of(config.dtype)
-    return {n: jnp.zeros((config.num_layers,) + shape, dt) for n, shape in cache_shapes(config, batch, max_len).items()}
+    cache = {n: jnp.zeros((config.num_layers,) + shape, dt) for n, shape in cache_shapes(config, batch, max_len).items()}
+    if num_images:
+        from llama_jax.model.mllama import init_image_cache  # mllama builds on this module
+
+        cache.update(init_image_cache(config, batch, num_images, dt))
+    return cache
 
 
 def init_params(config: LlamaConfig, rng: jax.Array, seq_len: int = 8) -> dict:
-    """Random parameters (unsharded; see `sharding.init_sharded_params` for a mesh), plain arrays."""
+    """Random parameters (unsharded; see `sharding.init_sharded_params` for a mesh), plain arrays; a vision
+    config's through `VisionLlama` (model/mllama.py)."""
+    if config.vision is not None:
+        from llama_jax.model import mllama
+
+        return mllama.init_params(config, rng, seq_len)
     tokens = jnp.zeros((1, seq_len), jnp.int32)
     variables = jax.jit(Llama(config).init)(rng, tokens)
     return nn.meta.unbox(variables["params"])
@@ -156,6 +179,10 @@ def logical_axes(config: LlamaConfig) -> dict:
 
 def traced_param_tree(config: LlamaConfig) -> tuple:
     """(shapes, logical axes) as Flax's own init builds them: what the spec-derived trees must equal (tests)."""
+    if config.vision is not None:
+        from llama_jax.model import mllama
+
+        return mllama.traced_param_tree(config)
     tokens = jax.ShapeDtypeStruct((1, 8), jnp.int32)
     variables = jax.eval_shape(Llama(config).init, jax.random.PRNGKey(0), tokens)
     return nn.meta.unbox(variables["params"]), nn.get_partition_spec(variables)["params"]

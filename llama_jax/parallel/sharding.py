@@ -55,11 +55,22 @@ DEFAULT_RULES: Tuple[Tuple[str, object], ...] = (
     ("layers", None),
     ("cache_batch", ("data", "fsdp")),
     ("cache_length", None),
+    # Llama 3.2 Vision's encoder: its matmuls use the axes above (vision width as embed/embed_out, its heads
+    # and MLP over tensor). A patch pixel or patch position is a small axis read whole; the flattened
+    # [tiles x patches x width] tile embeddings are large and cut over fsdp like the other weights.
+    ("patch", None),
+    ("tile_embed", "fsdp"),
 )
 
 # Logical axes that may be replicated instead of split when their size does not divide the mesh axis
 # (Llama 3 has 8 KV heads; a tensor axis of 16 replicates them rather than failing).
-REPLICATE_IF_INDIVISIBLE = ("kv_heads", "act_heads", "act_vocab", "batch", "cache_batch")
+REPLICATE_IF_INDIVISIBLE = ("kv_heads", "act_heads", "act_vocab", "batch", "cache_batch", "tile_embed")
+# (parameter, logical axis) pairs replicated instead of refused when the size does not divide. The embedding's
+# rows are a lookup table, not a split matmul: a vision model's vocab + 8 image rows (128264 = 8 x 16033) on a
+# tensor axis of 16 are kept whole there (still split over fsdp along the model dim). Everything else that does
+# not divide is refused with one line naming the parameter, e.g. the vision width 1280 on an fsdp axis of 512
+# (sizes 2..256 that are powers of two divide it) or 16 vision heads on a tensor axis of 32.
+REPLICATE_IF_INDIVISIBLE_IN = (("embed/embedding", "vocab"),)
 
 
 def make_rules(overrides: Optional[Mapping[str, object]] = None, base=DEFAULT_RULES) -> Tuple[Tuple[str, object], ...]:
@@ -153,7 +164,7 @@ def _resolve(logical: Optional[str], dim: Optional[int], mesh, rules: dict, wher
         return None
     size = math.prod(sizes[a] for a in axes)
     if dim is not None and dim % size:
-        if logical in REPLICATE_IF_INDIVISIBLE:
+        if logical in REPLICATE_IF_INDIVISIBLE or (where, logical) in REPLICATE_IF_INDIVISIBLE_IN:
             return None
         raise MeshError(f"{where}: dimension '{logical}' of size {dim} cannot be split over mesh axis "
                         f"{'×'.join(axes)} of size {size}; choose a mesh whose {'×'.join(axes)} size divides {dim}")
@@ -263,8 +274,12 @@ def measured_bytes_per_device(tree) -> Dict[object, int]:
 
 @contextlib.contextmanager
 def use_mesh(mesh: Mesh, rules=DEFAULT_RULES):
-    """Context in which the model's logical activation constraints resolve against `mesh`."""
-    with jax.set_mesh(mesh), nn.logical_axis_rules(tuple(rules)):
+    """Context in which the model's logical activation constraints resolve against `mesh`, and its splash
+    attention and paged decode attention run per shard (parallel/attention.py, parallel/decode_attention.py)."""
+    from llama_jax.parallel.attention import splash_on  # it builds on this file
+    from llama_jax.parallel.decode_attention import paged_on
+
+    with jax.set_mesh(mesh), nn.logical_axis_rules(tuple(rules)), splash_on(mesh, rules), paged_on(mesh, rules):
         yield
 
 
@@ -275,8 +290,18 @@ def init_sharded_params(config: LlamaConfig, mesh: Mesh, rng: jax.Array, rules=D
     shardings = param_shardings(config, mesh, rules)
 
     def init(key):
-        variables = Llama(config).init(key, jnp.zeros((1, 8), jnp.int32))
+        if config.vision is not None:  # one image in the init call, so the encoder and projector exist
+            from llama_jax.model.mllama import VisionLlama, init_inputs
+
+            tokens, images = init_inputs(config)
+            variables = VisionLlama(config).init(key, tokens, **images)
+        else:
+            variables = Llama(config).init(key, jnp.zeros((1, 8), jnp.int32))
         return nn.meta.unbox(variables["params"])
 
+    if config.vision is not None:
+        # Outside the rules context: Flax cannot turn the patch embedding's logical names ("patch" three times,
+        # one per pixel axis of [C, p, p, Dv]) into an in-graph constraint; out_shardings place every leaf.
+        return jax.jit(init, out_shardings=shardings)(rng)
     with use_mesh(mesh, rules):
         return jax.jit(init, out_shardings=shardings)(rng)

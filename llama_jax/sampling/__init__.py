@@ -4,6 +4,7 @@
     program.py      prefill, decode_step, the while_loop program, generate_ids, buckets, KV cache shardings
     stream.py       the streaming sink the compiled loop calls, TextStream, decode_continuation
     sampler.py      Sampler: load once, generate / chat from text
+    vision.py       Llama 3.2 Vision: <|image|> prompts, chat image parts, the image arrays for the program
 """
 
 from llama_jax.sampling.program import bucket, decode_step, generate_ids, kv_cache_sharding, kv_mask, prefill

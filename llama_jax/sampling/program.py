@@ -25,9 +25,11 @@ from jax.sharding import NamedSharding
 from llama_jax.config import LlamaConfig
 from llama_jax.errors import SamplingError
 from llama_jax.cpu.decode_layout import decoding_model, init_per_layer_cache, is_per_layer, per_layer_cache_axes
+from llama_jax.model.decode_kernel import PAGED_CACHE_AXES, PagedLlama, init_paged_cache, uses_paged
 from llama_jax.model.transformer import CACHE_AXES, init_cache
 from llama_jax.parallel.sharding import logical_to_spec, use_mesh
 from llama_jax.sampling.stream import OnToken, emit, sink
+from llama_jax.sampling.vision import padded_image_inputs
 from llama_jax.sampling.strategies import Greedy, Strategy, check_seed
 
 
@@ -45,16 +47,21 @@ def kv_mask(lengths: jax.Array, plen: int, cache_len: int) -> jax.Array:
     return jnp.arange(cache_len)[None, :] >= (plen - lengths)[:, None]
 
 
-def prefill(config: LlamaConfig, params, tokens: jax.Array, lengths: jax.Array, cache, mask: jax.Array):
+def prefill(config: LlamaConfig, params, tokens: jax.Array, lengths: jax.Array, cache, mask: jax.Array,
+            images: Optional[dict] = None):
     """tokens [B, P] left-padded, lengths [B], cache empty (the `init_cache` of `decoding_model`), mask [B, S]
     (`kv_mask`) -> (logits [B, 1, V] at every row's last prompt token, cache with slots 0..P-1 written).
-    `params` stacked, or per layer (`cpu.decode_layout.unstack_layers`)."""
+    `params` stacked, or per layer (`cpu.decode_layout.unstack_layers`). With the paged decode kernel
+    (`uses_paged`; cache: `init_paged_cache`) each row's prompt goes to slots 0..len-1 instead, and `mask` is
+    not used. `images` (Llama 3.2 Vision: `vision.padded_image_inputs`) go to the model with the prompt; it
+    writes their keys/values into the cache's cross fields."""
     batch, plen = tokens.shape
+    if uses_paged(config):
+        return _paged_prefill(config, params, tokens, lengths, cache)
     pad = plen - lengths  # [B]
     positions = jnp.maximum(jnp.arange(plen)[None, :] - pad[:, None], 0)  # [B, P]: index minus padding
-    model, _ = decoding_model(config, params)
-    return model.apply({"params": params}, tokens, positions=positions, cache=cache, cache_index=0, kv_mask=mask,
-                       logits_at=jnp.full((batch,), plen - 1))
+    return _model(config, params).apply({"params": params}, tokens, positions=positions, cache=cache, cache_index=0,
+                                        kv_mask=mask, logits_at=jnp.full((batch,), plen - 1), **(images or {}))
 
 
 def decode_step(config: LlamaConfig, params, token: jax.Array, lengths: jax.Array, cache, step: jax.Array,
@@ -62,14 +69,54 @@ def decode_step(config: LlamaConfig, params, token: jax.Array, lengths: jax.Arra
     """One new token per row: token [B] (drawn at `step` - 1, step >= 1), lengths [B] of the prompts padded to
     `plen`, mask [B, S] -> (logits [B, 1, V], cache with slot P + step - 1 written)."""
     # the token from step-1 goes into cache slot P+step-1 at position length+step-1
-    model, _ = decoding_model(config, params)
-    return model.apply({"params": params}, token[:, None], positions=(lengths + step - 1)[:, None], cache=cache,
-                       cache_index=plen + step - 1, kv_mask=mask)
+    if uses_paged(config):  # ragged rows: slot = position (model/decode_kernel.py); `mask` is not used
+        slots = lengths + step - 1
+        return PagedLlama(config).apply({"params": params}, token[:, None], positions=slots[:, None], cache=cache,
+                                        cache_index=slots)
+    return _model(config, params).apply({"params": params}, token[:, None], positions=(lengths + step - 1)[:, None],
+                                        cache=cache, cache_index=plen + step - 1, kv_mask=mask)
+
+
+def _model(config: LlamaConfig, params):
+    """The module of the two calls: VisionLlama for Llama 3.2 Vision (it reads the image keys/values from the
+    cache at decode steps), else Llama or the per-layer CPU layout (`decoding_model`)."""
+    if config.vision is not None:
+        from llama_jax.model.mllama import VisionLlama
+
+        return VisionLlama(config)
+    return decoding_model(config, params)[0]
+
+
+def _paged_prefill(config: LlamaConfig, params, tokens, lengths, cache):
+    """`prefill` into the paged cache: each left-padded row rotated to start at slot 0 (its padding after it)."""
+    batch, plen = tokens.shape
+    shift = (jnp.arange(plen)[None, :] + (plen - lengths)[:, None]) % plen  # [B, P]
+    positions = jnp.broadcast_to(jnp.arange(plen, dtype=jnp.int32), (batch, plen))
+    return PagedLlama(config).apply({"params": params}, jnp.take_along_axis(tokens, shift, axis=1),
+                                    positions=positions, cache=cache, cache_index=0, logits_at=lengths - 1)
+
+
+def cache_initializer(config: LlamaConfig, params):
+    """(config, batch, cache length) -> the empty KV cache that `prefill` and `decode_step` take."""
+    return init_paged_cache if uses_paged(config) else decoding_model(config, params)[1]
+
+
+def resolve_decode_attention(config: LlamaConfig, params, mesh=None) -> LlamaConfig:
+    """`config` with decode_attention "paged" or "xla", as `uses_paged` decides for the platform of `mesh` (or
+    the default backend). Per-layer parameters (the CPU layout) decode with XLA."""
+    with (use_mesh(mesh) if mesh is not None else contextlib.nullcontext()):
+        paged = uses_paged(config)
+    if paged and is_per_layer(params):
+        if config.decode_attention == "paged":
+            raise SamplingError("generate: decode_attention='paged' needs stacked parameters; these are per layer "
+                                "(cpu.decode_layout.unstack_layers; Sampler(per_layer=False) keeps them stacked)")
+        paged = False
+    return config.replace(decode_attention="paged" if paged else "xla")
 
 
 # ---- the compiled program --------------------------------------------------------------------------------
 @functools.partial(jax.jit, static_argnames=("config", "cache_len", "buf_len", "stream", "cache_sharding"))
-def _generate(params, tokens, lengths, alive, max_new, strategy, key, stop_ids, *, config: LlamaConfig,
+def _generate(params, tokens, lengths, alive, max_new, strategy, key, stop_ids, images=None, *, config: LlamaConfig,
               cache_len: int, buf_len: int, stream: bool, cache_sharding: Optional[tuple]):
     """tokens [B, P] left-padded, lengths [B], alive [B] (False for batch padding rows), max_new scalar,
     cache_sharding: ((name, NamedSharding), ...) of the cache arrays (a tuple: static arguments are hashed),
@@ -82,12 +129,15 @@ def _generate(params, tokens, lengths, alive, max_new, strategy, key, stop_ids, 
             return cache
         shardings = dict(cache_sharding)
         return {n: jax.tree.map(lambda c, n=n: jax.lax.with_sharding_constraint(c, shardings[n]), cache[n])
-                for n in cache}
+                if n in shardings else cache[n] for n in cache}
 
     # per-layer parameters (cpu.decode_layout) get a per-layer cache: every buffer updated in place
-    _, new_cache = decoding_model(config, params)
-    cache = constrain(new_cache(config, batch, cache_len))
-    logits, cache = prefill(config, params, tokens, lengths, cache, mask)  # [B, 1, V]
+    cache = constrain(cache_initializer(config, params)(config, batch, cache_len))
+    if images is not None:  # Llama 3.2 Vision: room for the image keys/values, written once by the prefill
+        from llama_jax.model.mllama import init_image_cache
+
+        cache.update(init_image_cache(config, batch, images["pixel_values"].shape[1], cache["k"].dtype))
+    logits, cache = prefill(config, params, tokens, lengths, cache, mask, images)  # [B, 1, V]
     key, sub = jax.random.split(key)
     first = strategy(sub, logits[:, 0])
 
@@ -116,13 +166,15 @@ def _generate(params, tokens, lengths, alive, max_new, strategy, key, stop_ids, 
     return out, step
 
 
-def kv_cache_sharding(config: LlamaConfig, mesh, batch: int, cache_len: int, per_layer: bool = False) -> dict:
+def kv_cache_sharding(config: LlamaConfig, mesh, batch: int, cache_len: int, per_layer: bool = False,
+                      paged: bool = False) -> dict:
     """{"k", "v"}: NamedShardings of the KV cache (see `init_cache`) on `mesh`: KV heads over the tensor axis,
     rows over the batch axes (each replicated where it does not divide, e.g. 8 KV heads on a tensor axis of
-    16). `per_layer`: the sharding of each layer's buffer of a per-layer cache (`init_per_layer_cache`)."""
-    init = init_per_layer_cache if per_layer else init_cache
+    16). `per_layer`: the sharding of each layer's buffer of a per-layer cache (`init_per_layer_cache`);
+    `paged`: of the paged decode cache (`init_paged_cache`)."""
+    init = init_paged_cache if paged else init_per_layer_cache if per_layer else init_cache
     shapes = jax.eval_shape(lambda: init(config, batch, cache_len))
-    axes = per_layer_cache_axes(batch) if per_layer else CACHE_AXES
+    axes = PAGED_CACHE_AXES if paged else per_layer_cache_axes(batch) if per_layer else CACHE_AXES
     return {name: NamedSharding(mesh, logical_to_spec(axes[name], jax.tree.leaves(shape)[0].shape, mesh,
                                                       where="KV cache"))
             for name, shape in shapes.items()}
@@ -132,14 +184,15 @@ def kv_cache_sharding(config: LlamaConfig, mesh, batch: int, cache_len: int, per
 def generate_ids(params, config: LlamaConfig, prompts: Sequence[Sequence[int]], *, max_new_tokens: int = 64,
                  strategy: Optional[Strategy] = None, seed: Union[int, jax.Array] = 0,
                  stop_ids: Sequence[int] = (), mesh=None,
-                 on_token: Optional[OnToken] = None) -> List[List[int]]:
+                 on_token: Optional[OnToken] = None, images: Optional[dict] = None) -> List[List[int]]:
     """Generate up to `max_new_tokens` after each prompt (lists of token ids, BOS included) with `strategy`
     (default `Greedy()`).
 
     Returns the new tokens of each prompt, cut before its first stop token. `on_token(step, tokens [B],
     done [B])` is called from inside the compiled loop as each step's tokens are drawn (for streaming).
     With `mesh`, `params` should already be sharded (see `sharding.param_shardings`); the KV cache is split
-    over the tensor axis (KV heads) and the batch axes.
+    over the tensor axis (KV heads) and the batch axes. `images` (Llama 3.2 Vision): the prompts' image arrays
+    (`sampling.vision.image_arrays`); the image encoder and the cross layers' keys/values run once, at prefill.
     """
     strategy = Greedy() if strategy is None else strategy
     _check(config, prompts, max_new_tokens)
@@ -152,12 +205,18 @@ def generate_ids(params, config: LlamaConfig, prompts: Sequence[Sequence[int]], 
     key = seed if isinstance(seed, jax.Array) else jax.random.PRNGKey(check_seed(seed))  # one line, not an overflow
     stops = np.asarray(sorted(set(int(s) for s in stop_ids)) or [-2], np.int32)  # -2 never matches a token
 
+    if config.vision is not None and config.decode_attention == "auto":  # the paged kernel is Llama's: VisionLlama
+        config = config.replace(decode_attention="xla")                  # decodes with XLA ("paged" is refused)
+    config = resolve_decode_attention(config, params, mesh)  # "auto" settled once, before the program is built
     cache_sharding = None if mesh is None else tuple(sorted(kv_cache_sharding(
-        config, mesh, tokens.shape[0], cache_len, per_layer=is_per_layer(params)).items()))
+        config, mesh, tokens.shape[0], cache_len, per_layer=is_per_layer(params),
+        paged=config.decode_attention == "paged").items()))
     run = functools.partial(_generate, config=config, cache_len=cache_len, buf_len=buf_len,
                             stream=on_token is not None, cache_sharding=cache_sharding)
     args = (params, jnp.asarray(tokens), jnp.asarray(lens), jnp.asarray(alive), jnp.int32(max_new), strategy, key,
             jnp.asarray(stops))
+    if images is not None:  # Llama 3.2 Vision: the image arrays of `sampling.vision.image_arrays`
+        args += (padded_image_inputs(images, lens, tokens.shape[0], tokens.shape[1]),)
     with sink(on_token):
         with (use_mesh(mesh) if mesh is not None else contextlib.nullcontext()):
             out, _ = run(*args)
@@ -175,10 +234,10 @@ def _check(config: LlamaConfig, prompts, max_new_tokens: int) -> None:
         if n >= config.max_position_embeddings:
             raise SamplingError(f"generate: prompt {i} has {n} tokens, which leaves no room in the model's "
                                 f"context of {config.max_position_embeddings} tokens; shorten it")
-        bad = [t for t in prompt if not 0 <= int(t) < config.vocab_size]
+        bad = [t for t in prompt if not 0 <= int(t) < config.embed_rows]  # a vision model's <|image|> too
         if bad:
             raise SamplingError(f"generate: prompt {i} has token ids {bad[:5]} outside the model's vocabulary "
-                                f"[0, {config.vocab_size})")
+                                f"[0, {config.embed_rows})")
     if max_new_tokens < 0:
         raise SamplingError(f"generate: max_new_tokens={max_new_tokens}; expected a non-negative number")
 

@@ -11,14 +11,16 @@ from __future__ import annotations
 
 import datetime
 import json
-from typing import TYPE_CHECKING, Dict, List, Sequence, Union
+from typing import TYPE_CHECKING, Any, Dict, List, Sequence, Union
 
 from llama_jax.errors import LlamaJaxError, SamplingError, TokenizerError
 
 if TYPE_CHECKING:  # only for annotations: base.py imports this module
     from llama_jax.text.base import Tokenizer
 
-Message = Dict[str, str]  # {"role": "system" | "user" | "assistant" | "ipython" | "tool", "content": str}
+# {"role": "system" | "user" | "assistant" | "ipython" | "tool", "content": str}; Llama 3.2 Vision's content may
+# instead be a list of parts: {"type": "image"} (an <|image|> token) and {"type": "text", "text": str}
+Message = Dict[str, Any]
 Piece = Union[str, int]  # chat prompts are built as text pieces and control-token ids
 
 ROLES = ("system", "user", "assistant", "ipython", "tool")
@@ -33,12 +35,53 @@ def check_messages(messages: Sequence[Message]) -> None:
             raise SamplingError(f"chat: message {i} is {m!r}; expected a dict with 'role' and 'content'")
         if m["role"] not in ROLES:
             raise SamplingError(f"chat: message {i} has role {m['role']!r}; expected system, user or assistant")
+        if not isinstance(m["content"], str):
+            check_parts(i, m["content"])
+
+
+def check_parts(i: int, content) -> None:
+    """A message's content as a list of parts: {"type": "image"} or {"type": "text", "text": str}."""
+    if not isinstance(content, (list, tuple)):
+        raise SamplingError(f"chat: message {i} has content {content!r:.60}; expected a string or a list of "
+                            "parts ({'type': 'image'} or {'type': 'text', 'text': '...'})")
+    for j, part in enumerate(content):
+        kind = part.get("type") if isinstance(part, dict) else None
+        if not (kind == "image" or (kind == "text" and isinstance(part.get("text"), str))):
+            raise SamplingError(f"chat: message {i} part {j} is {part!r:.60}; expected {{'type': 'image'}} or "
+                                "{'type': 'text', 'text': '...'}")
+
+
+def num_images(messages: Sequence[Message]) -> int:
+    """How many {"type": "image"} parts the messages hold (each becomes one <|image|> token)."""
+    return sum(isinstance(p, dict) and p.get("type") == "image"
+               for m in messages if not isinstance(m["content"], str) for p in m["content"])
+
+
+def content_pieces(tok: "Tokenizer", lead: str, content) -> List[Piece]:
+    """`lead` and a message's content -> pieces: a string stripped; a list of parts as Meta's Llama 3.2
+    chat_format writes them: each text part as it is, each image part as the <|image|> token."""
+    if isinstance(content, str):
+        return [lead + content.strip()]
+    pieces: List[Piece] = [lead]
+    for part in content:
+        if part["type"] == "image":
+            image = tok.token_id("<|image|>")
+            if image is None:
+                raise TokenizerError(f"{getattr(tok, 'path', tok)}: the tokenizer has no <|image|> token, so a "
+                                     "chat cannot hold an image; use a Llama 3.2 Vision checkpoint's tokenizer")
+            pieces.append(image)
+        else:
+            pieces.append(part["text"])
+    return pieces
 
 
 def chat_pieces(tok: "Tokenizer", chat_format: str, messages: Sequence[Message],
                 add_generation_prompt: bool) -> List[Piece]:
     """The built-in format's pieces ("llama3", "step" or "llama2") for `messages`."""
     build = {"llama3": llama3_pieces, "step": step_pieces}.get(chat_format, llama2_pieces)
+    if chat_format != "llama3" and any(not isinstance(m["content"], str) for m in messages):
+        raise SamplingError(f"chat: content as a list of parts (images) needs the Llama 3 chat format (Llama 3.2 "
+                            f"Vision); this tokenizer's format is {chat_format!r}")
     return build(tok, messages, add_generation_prompt)
 
 
@@ -48,7 +91,7 @@ def llama3_pieces(tok: "Tokenizer", messages: Sequence[Message], add_generation_
     start, end, eot = (tok.token_id(t) for t in ("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"))
     pieces: List[Piece] = [tok.bos_id] if tok.bos_id is not None else []
     for m in messages:
-        pieces += [start, m["role"], end, "\n\n" + m["content"].strip(), eot]
+        pieces += [start, m["role"], end, *content_pieces(tok, "\n\n", m["content"]), eot]
     if add_generation_prompt:
         pieces += [start, "assistant", end, "\n\n"]
     return pieces

@@ -19,14 +19,13 @@ from __future__ import annotations
 import contextlib
 import errno
 import json
-import os
 from typing import Any, Optional, Tuple
 
 import jax
 
 from llama_jax.errors import CheckpointError, CorruptCheckpointError
 from llama_jax.io import checkpoint as params_checkpoint
-from llama_jax.io import integrity
+from llama_jax.io import integrity, paths
 
 _ITEMS = ("state", "data", "config")
 
@@ -37,7 +36,8 @@ class RunCheckpointer:
     def __init__(self, workdir: str, keep: int = 3, async_save: bool = True):
         import orbax.checkpoint as ocp
 
-        self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
+        # local or gs://: Orbax writes a gs:// step in place and marks it complete with commit_success.txt
+        self.directory = paths.absolute(paths.join(workdir, "checkpoints"))
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=async_save,
                                                cleanup_tmp_directories=True)
         self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=_ITEMS)
@@ -99,12 +99,12 @@ class RunCheckpointer:
     def set_aside(self, step: int) -> str:
         """Move checkpoint `step` out of the checkpoints directory (to WORKDIR/corrupt_checkpoints/STEP), so the
         run can write that step again; returns where it went. Process 0 only; call `reload` after it."""
-        parent = os.path.join(os.path.dirname(self.directory), "corrupt_checkpoints")
-        os.makedirs(parent, exist_ok=True)
-        dst, n = os.path.join(parent, str(step)), 1
-        while os.path.exists(dst):
-            dst, n = os.path.join(parent, f"{step}.{n}"), n + 1
-        os.rename(os.path.join(self.directory, str(step)), dst)
+        parent = paths.join(paths.dirname(self.directory), "corrupt_checkpoints")
+        paths.makedirs(parent)
+        dst, n = paths.join(parent, str(step)), 1
+        while paths.exists(dst):
+            dst, n = paths.join(parent, f"{step}.{n}"), n + 1
+        paths.move(paths.join(self.directory, str(step)), dst)
         return dst
 
     def reload(self) -> None:

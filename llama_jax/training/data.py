@@ -38,9 +38,12 @@ FORMAT = "llama_jax-tokens-v1"
 def load_text_tokenizer(path: str):
     """A tokenizer from a `tokenizer.model` file or a checkpoint directory (via `llama_jax.load_tokenizer`
     when the package has it; a plain SentencePiece file otherwise), or hf://ORG/NAME on the Hugging Face Hub."""
+    from llama_jax.io import paths
     from llama_jax.io.hub import resolve
 
-    path = resolve(path)
+    # gs://: the tokenizer file, or a directory's tokenizer files, copied once into the local cache
+    path = paths.local_copy(path, None if paths.isfile(path) else TOKENIZER_FILES) if paths.is_remote(path) \
+        else resolve(path)
     if not os.path.exists(path):
         raise DataError(f"{path}: tokenizer not found (expected a tokenizer.model file or a checkpoint directory)")
     from llama_jax.text.tokenizer import load_tokenizer
@@ -201,7 +204,8 @@ def write_token_files(out_dir: str, records: Iterable[Mapping[str, Any]], tokeni
 
 
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                   "chat_template.jinja", "chat_template.json")
+                   "chat_template.jinja", "chat_template.json",
+                   "preprocessor_config.json", "processor_config.json")  # Llama 3.2 Vision's image settings
 
 
 def copy_tokenizer_files(src_dir: str, dst_dir: str, main_file: Optional[str] = None) -> None:

@@ -11,7 +11,7 @@ from typing import Optional
 import jax
 
 from llama_jax.config import LlamaConfig
-from llama_jax.errors import CheckpointError
+from llama_jax.errors import CheckpointError, PublishError
 from llama_jax.parallel import distributed
 from llama_jax.training import data as data_lib
 from llama_jax.training import lora as lora_lib
@@ -39,36 +39,40 @@ def export_params(workdir: str, config: LlamaConfig, params, tokenizer_dir: Opti
 
     It is written beside, in WORKDIR/.export.tmp, and renamed into place once complete (the previous export is
     moved aside for the moment between the two renames), so a kill or a full disk at any point leaves the
-    previous export loadable; the next export clears what such a failure left."""
+    previous export loadable; the next export clears what such a failure left. In a gs:// workdir, which has no
+    rename, WORKDIR/.export.tmp is published instead (io/paths.py: copied server-side, llama_jax.json last)."""
     import orbax.checkpoint as ocp
 
-    from llama_jax.io import checkpoint, integrity
+    from llama_jax.io import checkpoint, integrity, paths
 
-    workdir = os.path.abspath(workdir)
-    out, tmp, old = (os.path.join(workdir, n) for n in ("export", ".export.tmp", ".export.old"))
+    workdir, remote = paths.absolute(workdir), paths.is_remote(workdir)
+    out, tmp, old = (paths.join(workdir, n) for n in ("export", ".export.tmp", ".export.old"))
     main = jax.process_index() == 0
     if main:
-        _clear_stale(out, tmp, old)
+        paths.rmtree(tmp) if remote else _clear_stale(out, tmp, old)
     distributed.barrier("export: start")
     checksums = integrity.tree_checksums(params)
     try:
         with ocp.StandardCheckpointer() as ckptr:
-            ckptr.save(os.path.join(tmp, checkpoint.PARAMS_DIR), params, force=True)
+            ckptr.save(paths.join(tmp, checkpoint.PARAMS_DIR), params, force=True)
         if main:
             checkpoint.write_metadata(tmp, config, config.param_dtype, source={"trained_by": "train.py",
                                                                               "workdir": workdir},
                                       checksums=checksums)
             if tokenizer_dir:
                 data_lib.copy_tokenizer_files(tokenizer_dir, tmp)
-            if os.path.isdir(out):
-                os.rename(out, old)
-            os.rename(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
+            if remote:
+                paths.publish(tmp, out)
+            else:
+                if os.path.isdir(out):
+                    os.rename(out, old)
+                os.rename(tmp, out)
+                shutil.rmtree(old, ignore_errors=True)
             if tokenizer_dir:
                 data_lib.copy_tokenizer_files(tokenizer_dir, workdir)
     except Exception as e:  # noqa: BLE001 - tensorstore reports a full disk as a ValueError, Orbax as anything
-        if main:
-            shutil.rmtree(tmp, ignore_errors=True)
+        if main and not isinstance(e, PublishError):  # a failed publish keeps the whole export, named
+            paths.rmtree(tmp)
         if getattr(e, "errno", None) == errno.ENOSPC or "No space left on device" in str(e):
             raise CheckpointError(f"{out}: no space left on device while writing the export; the previous export "
                                   "(if any) is untouched: free some space and export again") from None

@@ -19,7 +19,6 @@ import contextlib
 import dataclasses
 import json
 import math
-import os
 import signal
 import time
 from typing import Any, Optional
@@ -27,6 +26,7 @@ from typing import Any, Optional
 import jax
 
 from llama_jax.errors import TrainError
+from llama_jax.io import paths
 from llama_jax.model import flops as flops_lib
 from llama_jax.parallel import distributed
 from llama_jax.training import data as data_lib
@@ -92,9 +92,9 @@ def train(cfg: RunConfig, progress: bool = True, export: bool = True, sample: bo
 def _announce(setup: Setup, model: Model, saved_config: dict, start: int, say) -> None:
     """Write WORKDIR/run_config.json and print the one-line summary of the run (process 0)."""
     cfg, config = setup.cfg, setup.model
-    os.makedirs(cfg.workdir, exist_ok=True)
-    with open(os.path.join(cfg.workdir, "run_config.json"), "w") as f:
-        json.dump(saved_config, f, indent=1)
+    paths.makedirs(cfg.workdir)  # local or gs://
+    with paths.open(paths.join(cfg.workdir, "run_config.json"), "w") as f:
+        f.write(json.dumps(saved_config, indent=1))
     n_train = sum(math.prod(s.shape) for s in jax.tree.leaves(model.shapes))
     say(f"model {config.name or 'custom'}: {flops_lib.num_params(config) / 1e6:.1f}M params ({n_train / 1e6:.2f}M "
         f"trained), mesh {dict(setup.mesh.shape)}, batch {cfg.batch_size}x{cfg.seq_len}, steps {start}->"
@@ -154,6 +154,7 @@ class Loop:
                     clock.restart()  # eval time is not step time
                 if is_ckpt:
                     ckpt.save(done, state, self.it.get_state(), self.saved_config)
+                    self.metrics.sync()  # a gs:// workdir: its metrics.jsonl reaches the checkpoint's step
                     last_good = done
                 if preempted:
                     self.metrics.write(f"SIGTERM: saved checkpoint {done}, stopping (restart with the same "

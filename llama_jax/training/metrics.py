@@ -1,6 +1,7 @@
 """Training metrics: a tqdm progress bar, WORKDIR/metrics.jsonl and TensorBoard event files.
 
-Only process 0 writes. On resume, metrics.jsonl keeps the lines up to the restored step and drops the rest
+Only process 0 writes. A gs:// workdir (no appends in Cloud Storage) keeps the files in a local mirror
+(io/paths.py's cache_dir) and uploads them every 30 s, at each checkpoint and at the end. On resume, metrics.jsonl keeps the lines up to the restored step and drops the rest
 (steps the interrupted run logged after its last checkpoint are trained again), so the file of a resumed run
 reads like the file of a run that was never interrupted.
 """
@@ -11,7 +12,10 @@ import json
 import math
 import os
 import sys
+import time
 from typing import Dict
+
+from llama_jax.io import paths
 
 # Shown on the progress bar (the rest goes to the files only), with their formats.
 _BAR = (("loss", "{:.3f}"), ("tok/s", "{:.0f}"), ("mfu", "{:.1%}"), ("eval_loss", "{:.3f}"))
@@ -60,6 +64,9 @@ class MetricsLogger:
     def __init__(self, workdir: str, total_steps: int, start_step: int = 0, enabled: bool = True,
                  progress: bool = True, tensorboard: bool = True):
         self.enabled = enabled
+        self.remote, self.synced = (workdir if paths.is_remote(workdir) else None), time.monotonic()
+        if self.remote and enabled:
+            workdir = _mirror(workdir)
         self.path = os.path.join(workdir, "metrics.jsonl")
         self.bar = self.tb = self.file = None
         if not enabled:
@@ -84,6 +91,8 @@ class MetricsLogger:
                                      for k, v in clean.items()}}
         self.file.write(json.dumps(rec) + "\n")
         self.file.flush()
+        if self.remote and time.monotonic() - self.synced > 30:
+            self._upload()
         if self.tb is not None:
             for k, v in clean.items():
                 if isinstance(v, float) and math.isfinite(v):
@@ -117,3 +126,34 @@ class MetricsLogger:
             self.tb.close()
         if self.file is not None:
             self.file.close()
+            if self.remote:
+                self._upload()
+
+    def sync(self) -> None:
+        """In a gs:// workdir: upload the files now (at each checkpoint, so a resumed run's file has no gap)."""
+        if self.enabled and self.remote and self.file is not None:
+            self._upload()
+
+    def _upload(self) -> None:
+        """Copy the local mirror's files (metrics.jsonl, TensorBoard events) into the gs:// workdir."""
+        if self.tb is not None:
+            self.tb.flush()
+        local = os.path.dirname(self.path)
+        for root, _, files in os.walk(local):
+            for name in files:
+                rel = os.path.relpath(os.path.join(root, name), local)
+                if rel == "metrics.jsonl" or rel.startswith("tensorboard" + os.sep):
+                    paths.copy_file(os.path.join(root, name), paths.join(self.remote, *rel.split(os.sep)))
+        self.synced = time.monotonic()
+
+
+def _mirror(workdir: str) -> str:
+    """The local mirror of gs:// `workdir`, holding the workdir's metrics.jsonl (a resumed run continues it)."""
+    local = paths.cache_dir(workdir)
+    os.makedirs(local, exist_ok=True)
+    remote, mine = paths.join(workdir, "metrics.jsonl"), os.path.join(local, "metrics.jsonl")
+    if paths.isfile(remote):
+        paths.copy_file(remote, mine)
+    elif os.path.exists(mine):
+        os.remove(mine)  # left by an earlier run of a workdir since removed
+    return local

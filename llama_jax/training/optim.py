@@ -21,7 +21,7 @@ def build_optimizer(cfg) -> Tuple[optax.GradientTransformation, optax.Schedule]:
     schedule = make_schedule(o.lr, o.warmup_steps, cfg.steps, o.min_lr_ratio)
     optimizer = make_optimizer(schedule, weight_decay=o.weight_decay, b1=o.b1, b2=o.b2, eps=o.eps,
                                clip_norm=o.clip_norm)
-    return optimizer, schedule
+    return freeze_image_encoder(optimizer), schedule
 
 
 def make_schedule(peak_lr: float, warmup_steps: int, total_steps: int, end_lr_ratio: float = 0.1) -> optax.Schedule:
@@ -78,3 +78,35 @@ def make_optimizer(learning_rate, *, weight_decay: float = 0.1, b1: float = 0.9,
     if clip_norm is None or clip_norm <= 0:
         return adamw
     return optax.chain(optax.clip_by_global_norm(clip_norm), adamw)
+
+
+# Top-level subtrees of a Llama 3.2 Vision model that fine-tuning leaves as they are: the image encoder and the
+# projector into the text width (the text side, self and cross-attention layers, is trained).
+FROZEN_IMAGE_PARAMS = ("vision", "projector")
+
+
+def has_image_encoder(tree) -> bool:
+    return isinstance(tree, dict) and any(k in tree for k in FROZEN_IMAGE_PARAMS)
+
+
+def freeze_image_encoder(inner: optax.GradientTransformation) -> optax.GradientTransformation:
+    """`inner` on the text side of a vision model's tree, and no update (and no optimizer state: no Adam
+    moments for the ~0.9B encoder weights of 11B) for FROZEN_IMAGE_PARAMS. Why a mask rather than LoRA: the
+    brief is a full fine-tune of the text side; LoRA runs already train only adapters on the text layers (its
+    base, encoder included, is frozen), and this keeps checkpoints, export and resume as for text models. The
+    loss (training/step.py) also stops gradients at these weights, so the encoder's backward pass is never
+    computed. A tree without them (a text model, LoRA adapters) gets `inner` unchanged, state included, so
+    text runs and their checkpoints are exactly as before. Clipping inside `inner` sees the text side only."""
+    labels = lambda tree: {k: jax.tree.map(lambda _: "frozen" if k in FROZEN_IMAGE_PARAMS else "train", v)  # noqa: E731
+                           for k, v in tree.items()}
+    masked = optax.multi_transform({"train": inner, "frozen": optax.set_to_zero()}, labels)
+
+    def init(params):
+        return masked.init(params) if has_image_encoder(params) else inner.init(params)
+
+    def update(updates, state, params=None):
+        if has_image_encoder(updates):
+            return masked.update(updates, state, params)
+        return inner.update(updates, state, params)
+
+    return optax.GradientTransformation(init, update)

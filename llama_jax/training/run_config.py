@@ -14,7 +14,8 @@ import os
 import typing
 from typing import Any, Dict, List, Sequence, Tuple
 
-from llama_jax.errors import RunConfigError
+from llama_jax.errors import RunConfigError, StorageError
+from llama_jax.io import paths
 
 
 @dataclasses.dataclass
@@ -23,6 +24,7 @@ class ModelSection:
     dtype: str = "float32"        # compute dtype; "bfloat16" = mixed precision with param_dtype float32
     param_dtype: str = "float32"  # master weights (and optimizer state); "bfloat16" for all-bf16 training
     remat: str = "none"           # none | full | dots | dots_no_batch | save_qkv_proj
+    attention: str = "auto"       # auto (splash on a TPU, xla elsewhere) | xla | splash (Pallas; interpret mode off TPU)
     vocab_size: int = 0           # 0: the preset's (or the checkpoint's)
 
 
@@ -206,6 +208,13 @@ def _get(cfg: RunConfig, key: str):
 
 def validate(cfg: RunConfig) -> RunConfig:
     """Cross-field checks that need no devices (device-dependent checks happen in the trainer)."""
+    for key in ("workdir", "init_from", "data.path"):  # a gs:// path's bucket name, before any request is made
+        value = _get(cfg, key)
+        if paths.is_remote(value):
+            try:
+                paths.split(value)
+            except StorageError as e:
+                raise RunConfigError(f"{key}={value!r}: {e}") from None
     for key in ("steps", "batch_size", "seq_len", "grad_accum", "checkpoint_every", "keep_checkpoints",
                 "log_every"):
         if getattr(cfg, key) <= 0:

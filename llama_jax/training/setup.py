@@ -10,7 +10,8 @@ from typing import Any, Optional
 import jax
 
 from llama_jax.config import LlamaConfig
-from llama_jax.errors import MeshError, TrainError
+from llama_jax.errors import MeshError, StorageError, TrainError
+from llama_jax.io import paths
 from llama_jax.parallel import distributed
 from llama_jax.parallel.sharding import batch_shards, make_mesh, mesh_axes_of, param_shardings
 from llama_jax.training import data as data_lib
@@ -31,7 +32,7 @@ class Setup:
 def model_config(cfg: RunConfig) -> LlamaConfig:
     """The model of a from-scratch run: the preset with the run's dtype/remat/vocab overrides."""
     m = cfg.model
-    kw = dict(dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat)
+    kw = dict(dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat, attention=m.attention)
     if m.vocab_size:
         kw["vocab_size"] = m.vocab_size
     return LlamaConfig.from_preset(m.preset, **kw)
@@ -41,10 +42,10 @@ def resolve(cfg: RunConfig, log=print) -> Setup:
     """Data, model and mesh of the run, checked against each other (nothing is compiled here)."""
     if cfg.init_from:
         model = _init_config(cfg.init_from).replace(dtype=cfg.model.dtype, param_dtype=cfg.model.param_dtype,
-                                                    remat=cfg.model.remat)
+                                                    remat=cfg.model.remat, attention=cfg.model.attention)
     else:
         model = model_config(cfg)
-    data_path = _data_path(cfg, model)
+    data_path = _data_path(cfg, model, log)
     meta = _check_data(cfg, model, data_path)
     if cfg.seq_len > model.max_position_embeddings:
         raise TrainError(f"seq_len={cfg.seq_len} exceeds the model's max_position_embeddings="
@@ -55,10 +56,17 @@ def resolve(cfg: RunConfig, log=print) -> Setup:
     return Setup(cfg, model, data_path, meta, mesh, data_path if data_lib.has_tokenizer(data_path) else None)
 
 
-def _data_path(cfg: RunConfig, model: LlamaConfig) -> str:
+def _data_path(cfg: RunConfig, model: LlamaConfig, log=print) -> str:
     """data.path, or the built-in corpus (tokenized for the model's vocabulary) when it is empty."""
     from llama_jax.training import corpus
 
+    if cfg.data.path and paths.is_remote(cfg.data.path):
+        # the token files are memory-mapped and read at random rows: each host copies them once into its
+        # local cache (io/paths.py; again only when an object changes) rather than one request per sequence
+        try:
+            return paths.local_copy(cfg.data.path, say=log if jax.process_index() == 0 else lambda *a: None)
+        except StorageError as e:
+            raise TrainError(f"data.path={cfg.data.path!r}: {e}") from None
     if cfg.data.path:
         if not os.path.isdir(cfg.data.path):
             raise TrainError(f"data.path={cfg.data.path!r}: directory not found (make one with "
@@ -119,11 +127,14 @@ def _init_config(path: str) -> LlamaConfig:
     """The model config of an init_from checkpoint, read from its metadata (no weights are loaded)."""
     from llama_jax.io import checkpoint, formats
 
-    path = formats.resolve(path)  # hf://org/name: a local snapshot in the Hugging Face cache
-    if not os.path.isdir(path):
+    try:  # hf://org/name: a local snapshot in the Hugging Face cache; gs://: io/formats.py's resolve
+        path = formats.resolve(path)
+    except StorageError as e:
+        raise TrainError(f"init_from={path!r}: {e}") from None
+    if not paths.isdir(path):
         raise TrainError(f"init_from={path!r}: not found (expected a llama_jax checkpoint, a training workdir, or "
                          "a Hugging Face / Meta directory)")
-    for candidate in (path, os.path.join(path, "export")):
+    for candidate in (path, paths.join(path, "export")):
         if checkpoint.is_checkpoint(candidate):
             return checkpoint.read_metadata(candidate)[1]
     try:

@@ -12,6 +12,13 @@ A batch is a dict of [B, T] arrays:
     loss_mask    float   optional per-target weight (0 for padding, chat prompts, document boundaries);
                          default: 1 where segment_ids != 0 (or everywhere without segment_ids)
 
+A Llama 3.2 Vision model's batch may add its images, each array as MllamaProcessor gives it, batch first (I
+images per row, tiles per image; rows with fewer images pad with masked ones): pixel_values float
+[B, I, tiles, C, H, W], aspect_ratio_ids int32 [B, I], aspect_ratio_mask int32 [B, I, tiles] and
+cross_attention_mask int32 [B, T, I, tiles] (T as `inputs`; with `tokens` [B, T+1] it may be T+1 long, the
+last position dropped). The image encoder and projector are frozen (gradients stop at them; see
+training/optim.py `freeze_image_encoder`).
+
 The loss is the weighted mean of float32 next-token cross entropy over the whole global batch (sum of
 weighted losses / sum of weights), so k accumulated micro-batches give exactly one k-times-larger batch.
 Another objective (DPO, training/dpo.py) is an `Objective`: it returns the same kind of sums (a total, a
@@ -124,6 +131,30 @@ def split_batch(batch: Batch) -> dict:
         if x is not None and x.shape != inputs.shape:
             raise ValueError(f"batch: '{name}' has shape {tuple(x.shape)}, expected {tuple(inputs.shape)} like the "
                              "model inputs (with 'tokens' [B, T+1] the other arrays are [B, T])")
+    return {**out, **_image_arrays(batch, inputs.shape)}
+
+
+IMAGE_KEYS = ("pixel_values", "aspect_ratio_ids", "aspect_ratio_mask", "cross_attention_mask")
+
+
+def _image_arrays(batch: Batch, shape) -> dict:
+    """The batch's image arrays (module doc), all four or none; {} for a text batch."""
+    given = [k for k in IMAGE_KEYS if batch.get(k) is not None]
+    if not given:
+        return {}
+    if len(given) < len(IMAGE_KEYS):
+        raise ValueError(f"batch: image arrays {given} without {[k for k in IMAGE_KEYS if k not in given]}; "
+                         f"a batch with images has all of {list(IMAGE_KEYS)}")
+    out = {k: batch[k] for k in IMAGE_KEYS}
+    mask = out["cross_attention_mask"]
+    if mask.ndim == 4 and mask.shape[1] == shape[1] + 1:  # aligned with `tokens` [B, T+1]
+        out["cross_attention_mask"] = mask = mask[:, :-1]
+    for k, x in out.items():
+        if x.shape[0] != shape[0]:
+            raise ValueError(f"batch: '{k}' has {x.shape[0]} rows, expected {shape[0]} like the model inputs")
+    if mask.ndim != 4 or mask.shape[1] != shape[1]:
+        raise ValueError(f"batch: 'cross_attention_mask' has shape {tuple(mask.shape)}, expected [B, T, images, "
+                         f"tiles] with T = {shape[1]} like the model inputs")
     return out
 
 
@@ -143,10 +174,28 @@ def cross_entropy_sum(logits: jax.Array, targets: jax.Array, weights: jax.Array)
 def loss_fn(params, batch: Batch, config: LlamaConfig):
     """Weighted-mean next-token cross entropy of `batch` (float32) -> (loss, (sum of CE, sum of weights))."""
     b = split_batch(batch)
-    logits = Llama(config).apply({"params": params}, b["inputs"], positions=b["positions"],
-                                 segment_ids=b["segment_ids"])  # [B, T, V] float32
-    ce_sum, weight_sum = cross_entropy_sum(logits, b["targets"], b["loss_mask"])
+    logits = apply_model(config, params, b)  # [B, T, V] float32
+    targets, weights = b["targets"], b["loss_mask"]
+    if config.vision is not None:  # <|image|> (an id past the head's vocab rows) is an input, never a target
+        image = targets >= config.vocab_size
+        targets, weights = jnp.where(image, 0, targets), jnp.where(image, 0.0, weights)
+    ce_sum, weight_sum = cross_entropy_sum(logits, targets, weights)
     return _mean(ce_sum, weight_sum), (ce_sum, weight_sum)
+
+
+def apply_model(config: LlamaConfig, params, b: dict):
+    """The model's float32 logits [B, T, V] for a split batch `b`: Llama, or for a vision config VisionLlama with
+    the batch's images (none: its text model), gradients stopped at the frozen image encoder and projector
+    (so their backward pass is never built; optim.freeze_image_encoder gives them no update)."""
+    if config.vision is None:
+        return Llama(config).apply({"params": params}, b["inputs"], positions=b["positions"],
+                                   segment_ids=b["segment_ids"])
+    from llama_jax.model.mllama import VisionLlama
+    from llama_jax.training.optim import FROZEN_IMAGE_PARAMS
+
+    params = {k: jax.lax.stop_gradient(v) if k in FROZEN_IMAGE_PARAMS else v for k, v in params.items()}
+    return VisionLlama(config).apply({"params": params}, b["inputs"], positions=b["positions"],
+                                     segment_ids=b["segment_ids"], **{k: b.get(k) for k in IMAGE_KEYS})
 
 
 class Objective:
@@ -296,8 +345,9 @@ def make_forward(config: LlamaConfig, mesh: Mesh, rules=DEFAULT_RULES, *, params
 
     def forward(params, batch):
         inputs = batch["inputs"] if "inputs" in batch else batch["tokens"]
-        return Llama(config).apply({"params": params}, inputs, positions=batch.get("positions"),
-                                   segment_ids=batch.get("segment_ids"))
+        b = {"inputs": inputs, "positions": batch.get("positions"), "segment_ids": batch.get("segment_ids"),
+             **{k: batch.get(k) for k in IMAGE_KEYS}}
+        return apply_model(config, params, b)
 
     jitted = jax.jit(forward, in_shardings=(params_shardings, data_sharding), out_shardings=logits_sharding)
     return MeshFunction(jitted, mesh, rules, batch_arg=1)
