@@ -8,6 +8,7 @@ standard `config.json` keys back out. The config is hashable so it can be a stat
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import operator
@@ -348,7 +349,7 @@ class LlamaConfig:
 
     def self_layer_hf_index(self, i: int) -> int:
         """The Hugging Face layer index of self-attention layer i (cross layers interleave the numbering)."""
-        return [j for j in range(self.total_layers) if j not in self.cross_attention_layers][i]
+        return _self_layer_indices(self)[i]
 
     def replace(self, **changes) -> "LlamaConfig":
         """A copy with some fields changed (validated again)."""
@@ -556,6 +557,14 @@ class LlamaConfig:
         if large_vocab and scaling is None:
             kwargs["eos_token_id"] = (128001, 128009)
         return _construct(cls, kwargs, overrides, where)
+
+
+@functools.lru_cache(maxsize=16)
+def _self_layer_indices(config: LlamaConfig) -> Tuple[int, ...]:
+    """The Hugging Face indices of the self-attention layers, in order (computed once per config: the converter
+    asks for each tensor of each layer)."""
+    cross = set(config.cross_attention_layers)
+    return tuple(j for j in range(config.total_layers) if j not in cross)
 
 
 def dtype_of(name):

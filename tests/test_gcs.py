@@ -13,7 +13,7 @@ import pytest
 
 import gcs_emulator
 from gcs_emulator import BUCKET
-from test_train import ROOT, TINY, _env, _free_port
+from test_train import ROOT, TINY, _env, _free_port, outputs_of
 
 GS = f"gs://{BUCKET}"
 
@@ -157,15 +157,7 @@ def test_two_processes_write_one_checkpoint_to_the_bucket_and_resume(emulator):
         procs = [subprocess.Popen([sys.executable, "train.py", "--no_progress", *args, f"steps={steps}", *f],
                                   cwd=ROOT, env=_env(2), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
                  for f in flags]
-        outs = []
-        try:
-            for p in procs:
-                outs.append(p.communicate(timeout=300)[0])
-        finally:
-            for p in procs:  # never leave a worker behind (a dead peer blocks the other in a collective)
-                if p.poll() is None:
-                    p.kill()
-                    p.wait()
+        outs = outputs_of(procs)
         assert [p.returncode for p in procs] == [0, 0], "\n".join(o[-2000:] for o in outs)
         return outs[0]
 

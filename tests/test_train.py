@@ -189,6 +189,21 @@ def test_grad_accumulation_equals_a_k_times_larger_batch(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------- multi-host
+def outputs_of(procs, timeout: float = 300):
+    """The text output of each process (stdout piped), waiting for all; any still running at the end is killed,
+    never left behind (a dead peer blocks the others in a collective)."""
+    outs = []
+    try:
+        for p in procs:
+            outs.append(p.communicate(timeout=timeout)[0])
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    return outs
+
+
 def _free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -207,15 +222,7 @@ def test_two_processes_of_four_devices_train_like_one_of_eight(tmp_path):
     procs = [subprocess.Popen([sys.executable, "train.py", "--no_progress", f"workdir={one if i == 0 else two}",
                                *args, *f], cwd=ROOT, env=_env(8 if i == 0 else 4), stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True) for i, f in enumerate(flags)]
-    outs = []
-    try:
-        for p in procs:
-            outs.append(p.communicate(timeout=300)[0])
-    finally:
-        for p in procs:  # never leave a worker behind (a dead peer blocks the other in a collective)
-            if p.poll() is None:
-                p.kill()
-                p.wait()
+    outs = outputs_of(procs)
     assert [p.returncode for p in procs] == [0, 0, 0], "\n".join(o[-2000:] for o in outs)
     a, b = _losses(one), _losses(two)
     assert [s for s, _ in a] == [s for s, _ in b] == [1, 2, 3, 4]

@@ -26,8 +26,6 @@ Off a TPU the kernel runs in interpret mode (slow; tests use small shapes). On a
 
 from __future__ import annotations
 
-import functools
-import sys
 
 import flax.linen as nn
 import jax
@@ -40,7 +38,7 @@ from llama_jax.errors import ConfigError
 from llama_jax.model import spec
 from llama_jax.model.attention import attend_and_project, rotate
 from llama_jax.model.layers import MLP, RMSNorm, dense, dtype_of, spec_param
-from llama_jax.model.splash import KernelHook, target_platform
+from llama_jax.model.splash import KernelHook, target_platform, warn_once
 from llama_jax.model.transformer import Llama
 
 # Mosaic tiles a page [P, H] over the TPU's 128 lanes: a head dim of 64 (Llama 3.2 1B) does not lower.
@@ -57,11 +55,6 @@ _SHARDED = KernelHook("llama_jax_paged_sharded")
 sharded_by = _SHARDED.set_to  # within the block, paged decode attention runs through fn (the shard_map wrapper)
 
 
-@functools.lru_cache(maxsize=None)
-def _warn_once(message: str) -> None:
-    print(f"llama_jax: {message}", file=sys.stderr)
-
-
 def uses_paged(config: LlamaConfig) -> bool:
     """Whether the Sampler decodes with the kernel: decode_attention "paged", or "auto" compiling for a TPU with
     a bf16 cache (the kernel reads bf16), head_dim a multiple of LANES, and a text-only model (cross-attention
@@ -74,7 +67,7 @@ def uses_paged(config: LlamaConfig) -> bool:
         raise ConfigError(f"LlamaConfig.decode_attention='paged': the TPU kernel needs head_dim a multiple of "
                           f"{LANES}; this model's is {config.head_dim} (use 'auto' or 'xla')")
     if kind == "paged" and config.dtype != "bfloat16" and config.decode_attention == "paged":
-        _warn_once(f"decode_attention='paged' with dtype={config.dtype}: the Pallas kernel reads the keys and "
+        warn_once(f"decode_attention='paged' with dtype={config.dtype}: the Pallas kernel reads the keys and "
                    f"values as bfloat16, so decoding is not exact in {config.dtype} (use 'xla' for that)")
     if kind == "paged" and config.vision is not None:
         raise ConfigError("LlamaConfig.decode_attention='paged': Llama 3.2 Vision's cross-attention layers have "

@@ -17,8 +17,8 @@ context that resolves the model's logical activation constraints, so the model n
 from __future__ import annotations
 
 import contextlib
-import functools
 import contextvars
+import functools
 import sys
 from typing import Callable, Optional
 
@@ -71,13 +71,14 @@ def runs_splash(config: LlamaConfig, length: int, from_zero: bool) -> bool:
     if kind == "auto":
         kind = "splash" if target_platform() == "tpu" else "xla"
     if config.attention == "splash" and from_zero and length % LANES:
-        _warn_once(f"attention='splash': {length} tokens is not a multiple of {LANES}, the kernel's tile; this "
+        warn_once(f"attention='splash': {length} tokens is not a multiple of {LANES}, the kernel's tile; this "
                    "attention runs XLA's (same numbers; pad the length to a multiple to run the kernel)")
     return kind == "splash" and from_zero and length % LANES == 0
 
 
 @functools.lru_cache(maxsize=None)
-def _warn_once(message: str) -> None:
+def warn_once(message: str) -> None:
+    """One line on stderr, once per message: a kernel asked for by name that cannot run as asked."""
     print(f"llama_jax: {message}", file=sys.stderr)
 
 
